@@ -29,8 +29,9 @@ NODE_READ='^$'
 NODE_TOPIC_WRITE='^(sensors\.{username}\.[A-Za-z0-9_-]+|status\.{username})$'
 NODE_TOPIC_READ='^$'
 
-# The pipeline reads its queues, republishes dead letters through the default exchange
-# (`pipeline dead replay`) and declares nothing: the topology comes from definitions.json.
+# The pipeline reads its queues and declares nothing (the topology comes from definitions.json).
+# It writes through the default exchange only: a rejected reading goes to readings.dead with
+# its reason in a header, and `pipeline dead replay` puts dead letters back into readings.
 PIPELINE_CONFIGURE='^$'
 PIPELINE_WRITE='^amq\.default$'
 PIPELINE_READ='^(readings|node-status|readings\.dead|node-status\.dead)$'

@@ -288,3 +288,36 @@ class RabbitBroker:
             channel = conn.channel()
             for queue in queues:
                 channel.queue_purge(queue)
+
+    def publish(
+        self,
+        messages: list[tuple[str, bytes]],
+        *,
+        exchange: str = "amq.topic",
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish (routing key, body) pairs persistently, as the admin, with confirms.
+
+        The admin bypasses topic permissions, so tests can act as any node quickly; MQTT
+        ingest itself is covered by the tests that publish through paho.
+        """
+        props = pika.BasicProperties(delivery_mode=2, headers=headers)
+        with contextlib.closing(self.connection(self.admin)) as conn:
+            channel = conn.channel()
+            channel.confirm_delivery()
+            for routing_key, body in messages:
+                channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
+
+    def unacked(self, queue: str) -> tuple[int, int]:
+        """(ready, unacknowledged) as the broker counts them."""
+        for line in self.ctl(
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ).splitlines():
+            name, ready, unacked = line.split("\t")
+            if name == queue:
+                return int(ready), int(unacked)
+        raise KeyError(queue)

@@ -98,15 +98,14 @@ def test_topology_comes_from_definitions(rabbit: RabbitBroker) -> None:
             "list_queues", "--no-table-headers", "name", "type", "durable", "policy"
         ).splitlines()
     }
-    assert queues["readings"] == ["quorum", "true", "dead-lettering"]
-    assert queues["node-status"] == ["quorum", "true", "dead-lettering"]
+    assert queues["readings"] == ["quorum", "true", "readings-dead-lettering"]
+    assert queues["node-status"] == ["quorum", "true", "node-status-dead-lettering"]
     assert queues["readings.dead"][:2] == ["quorum", "true"]
     bindings = rabbit.ctl(
         "list_bindings", "--no-table-headers", "source_name", "destination_name", "routing_key"
     )
     assert "amq.topic\treadings\tsensors.#" in bindings
     assert "amq.topic\tnode-status\tstatus.#" in bindings
-    assert "dead-letters\treadings.dead\tsensors.#" in bindings
     users = rabbit.ctl("list_users", "--no-table-headers")
     assert "guest" not in {line.split("\t")[0] for line in users.splitlines()}
 
@@ -213,7 +212,7 @@ def test_pipeline_user_cannot_change_topology(rabbit: RabbitBroker) -> None:
         assert refused.value.reply_code == 403
 
 
-def test_rejected_reading_is_dead_lettered_with_original_key(rabbit: RabbitBroker) -> None:
+def test_nacked_reading_is_dead_lettered_with_original_key(rabbit: RabbitBroker) -> None:
     creds = rabbit.add_node("pi-poison")
     probe = MqttProbe(rabbit, creds, "pi-poison")
     try:
@@ -230,10 +229,11 @@ def test_rejected_reading_is_dead_lettered_with_original_key(rabbit: RabbitBroke
     rabbit.wait_depth("readings.dead", 1)
     [(method, props, body)] = rabbit.drain("readings.dead")
     assert body == b"not json"
-    assert method.routing_key == "sensors.pi-poison.t1"
+    assert method.routing_key == "readings.dead"
     [death] = props.headers["x-death"]
     assert death["queue"] == "readings"
     assert death["reason"] == "rejected"
+    assert death["routing-keys"] == ["sensors.pi-poison.t1"]  # the original key is kept
 
 
 def test_node_user_cannot_use_amqp_to_read(rabbit: RabbitBroker) -> None:

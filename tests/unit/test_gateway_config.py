@@ -44,10 +44,13 @@ def test_definitions_hold_topology_and_no_secrets() -> None:
     queues = {q["name"]: q for q in defs["queues"]}
     assert queues["readings"]["durable"]
     assert queues["readings"]["arguments"]["x-queue-type"] == "quorum"
-    [policy] = defs["policies"]
-    assert re.fullmatch(policy["pattern"], "readings")
-    assert not re.fullmatch(policy["pattern"], "readings.dead")
-    assert policy["definition"]["dead-letter-exchange"] == "dead-letters"
+    policies = {p["name"]: p for p in defs["policies"]}
+    for queue in ("readings", "node-status"):
+        policy = policies[f"{queue}-dead-lettering"]
+        assert re.fullmatch(policy["pattern"], queue)
+        assert not re.fullmatch(policy["pattern"], f"{queue}.dead")
+        assert policy["definition"]["dead-letter-exchange"] == ""
+        assert policy["definition"]["dead-letter-routing-key"] == f"{queue}.dead"
 
 
 def test_users_script_rejects_bad_node_ids() -> None:

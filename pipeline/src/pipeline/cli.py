@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
 
+import pika.exceptions
 import psycopg
+import sqlalchemy.exc
 
 from pipeline import __version__
 from pipeline.errors import ConfigError, PipelineError
@@ -40,6 +46,122 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_consume(args: argparse.Namespace) -> int:
+    from pipeline.config import ConsumerSettings  # noqa: PLC0415
+    from pipeline.consumer import consume_forever  # noqa: PLC0415
+    from pipeline.db import make_engine  # noqa: PLC0415
+    from pipeline.metrics import serve_metrics  # noqa: PLC0415
+    from pipeline.store import Store  # noqa: PLC0415
+
+    env = dict(os.environ)
+    if args.database_url:
+        env["DATABASE_URL"] = args.database_url
+    settings = ConsumerSettings.from_env(env)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping on %s: finishing the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    engine = make_engine(settings.database_url)
+    try:
+        if not _wait_for_schema(engine, stop):
+            return 0
+        serve_metrics(settings.metrics_port)
+        consume_forever(settings, Store(engine), stop)
+    finally:
+        engine.dispose()
+    log.info("stopped")
+    return 0
+
+
+def _wait_for_schema(engine: sqlalchemy.Engine, stop: threading.Event) -> bool:
+    """Wait until the database answers and is migrated; False if a stop came first."""
+    from pipeline.migrate import available  # noqa: PLC0415
+
+    wanted = available()[-1].version
+    delay = 0.5
+    logged = ""
+    while not stop.is_set():
+        try:
+            with engine.connect() as conn:
+                have = conn.execute(
+                    sqlalchemy.text("SELECT coalesce(max(version), 0) FROM schema_migrations")
+                ).scalar_one()
+            if have >= wanted:
+                return True
+            problem = f"schema version {have}, need {wanted}: run `pipeline migrate`"
+        except sqlalchemy.exc.ProgrammingError as exc:
+            if isinstance(exc.orig, psycopg.errors.UndefinedTable):
+                problem = "no schema_migrations table: run `pipeline migrate`"
+            else:
+                problem = str(exc.orig).strip().splitlines()[0]
+        except sqlalchemy.exc.DBAPIError as exc:
+            problem = f"database unreachable: {str(exc.orig).strip().splitlines()[0]}"
+        if problem != logged:
+            log.warning("waiting for the database: %s", problem)
+            logged = problem
+        stop.wait(delay)
+        delay = min(delay * 2, 10.0)
+    return False
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from pipeline.db import make_engine  # noqa: PLC0415
+    from pipeline.summary import format_table, last_hour  # noqa: PLC0415
+
+    engine = make_engine(_database_url(args), pool_size=1)
+    try:
+        rows = last_hour(engine)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(rows, default=str, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def _rabbitmq_url() -> str:
+    from pipeline.config import ConsumerSettings  # noqa: PLC0415
+
+    env = dict(os.environ)
+    env.setdefault("DATABASE_URL", "postgresql://unused")
+    return ConsumerSettings.from_env(env).rabbitmq_url
+
+
+def _cmd_dead_list(args: argparse.Namespace) -> int:
+    from pipeline.deadletters import list_dead  # noqa: PLC0415
+
+    dead = list_dead(_rabbitmq_url(), args.queue, args.limit)
+    if args.json:
+        print(json.dumps([d.as_dict() for d in dead], indent=2))
+        return 0
+    if not dead:
+        print(f"{args.queue} is empty")
+    for d in dead:
+        print(f"{d.rejected_at or '-'}  {d.routing_key}  (from {d.queue}, {d.size} bytes)")
+        print(f"    reason: {d.reason}")
+        print(f"    body:   {d.preview}")
+    return 0
+
+
+def _cmd_dead_replay(args: argparse.Namespace) -> int:
+    from pipeline.deadletters import replay_dead  # noqa: PLC0415
+
+    result = replay_dead(_rabbitmq_url(), args.queue, args.limit, dry_run=args.dry_run)
+    if args.dry_run:
+        print(
+            f"dry run: {result.would_store} would now be stored, "
+            f"{result.would_reject} would be rejected again; nothing was moved"
+        )
+    else:
+        print(f"replayed {result.replayed} message(s) from {args.queue}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -57,6 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="create or upgrade the database schema (re-runnable)")
     p.add_argument("--database-url", help="default: $DATABASE_URL (needs the schema owner)")
     p.set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser(
+        "consume",
+        help="consume readings and node status into PostgreSQL until SIGTERM",
+        description="Settings come from the environment: RABBITMQ_URL, RABBITMQ_USER, "
+        "RABBITMQ_PASSWORD, DATABASE_URL, PIPELINE_PREFETCH, PIPELINE_BATCH_SIZE, "
+        "PIPELINE_BATCH_MS, PIPELINE_METRICS_PORT, PIPELINE_LOG_INTERVAL_S (see README).",
+    )
+    p.add_argument("--database-url", help="default: $DATABASE_URL")
+    p.set_defaults(func=_cmd_consume)
+
+    p = sub.add_parser("summary", help="print the last hour per sensor")
+    p.add_argument("--database-url", help="default: $DATABASE_URL (the reader role is enough)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_summary)
+
+    dead = sub.add_parser("dead", help="inspect or replay dead letters")
+    dead_sub = dead.add_subparsers(dest="dead_command", metavar="ACTION", required=True)
+    p = dead_sub.add_parser("list", help="show dead letters with their reasons (left in place)")
+    p.add_argument("--queue", default="readings.dead")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_dead_list)
+    p = dead_sub.add_parser("replay", help="re-drive dead letters through the pipeline")
+    p.add_argument("--queue", default="readings.dead")
+    p.add_argument("--limit", type=int, default=1_000_000)
+    p.add_argument("--dry-run", action="store_true", help="say what would happen, move nothing")
+    p.set_defaults(func=_cmd_dead_replay)
     return parser
 
 
@@ -68,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # pika logs every channel open and close at INFO; its warnings still show.
+    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return int(args.func(args))
     except ConfigError as exc:
@@ -76,8 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return 1
-    except psycopg.OperationalError as exc:
+    except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:
         print(f"pipeline: cannot reach the database: {str(exc).strip()}", file=sys.stderr)
+        return 1
+    except pika.exceptions.AMQPError as exc:
+        print(f"pipeline: RabbitMQ refused or is unreachable: {exc!r}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -52,3 +52,6 @@ GRANT USAGE ON SCHEMA public TO tempmon_writer, tempmon_reader;
 -- The writer inserts (idempotently) and reads back; it cannot update, delete or truncate.
 GRANT SELECT, INSERT ON readings TO tempmon_writer;
 GRANT SELECT ON readings TO tempmon_reader;
+
+-- The consumers check the schema version before they start.
+GRANT SELECT ON schema_migrations TO tempmon_writer, tempmon_reader;

@@ -1,0 +1,478 @@
+"""`pipeline consume`: the readings and node-status queues into PostgreSQL, exactly once.
+
+Two threads share the work so that the database round trip overlaps the broker's:
+
+* the AMQP thread (the caller of :func:`consume_forever`) owns the connection: it receives
+  deliveries, decodes them, dead-letters what cannot be used, groups the rest into batches (by
+  size or age, whichever comes first) and, when a batch has committed, acknowledges it with one
+  ``basic_ack(multiple=True)``;
+* the writer thread commits batches in order, one transaction each, and retries a batch while
+  the database is unreachable: nothing is acknowledged meanwhile, so the broker keeps the
+  messages and stops sending once the prefetch window is full.
+
+A crash anywhere before the acknowledgement means redelivery, and the natural key makes the
+second insert a no-op. The reconnect loop (:func:`consume_forever`) is separate from the
+session (:class:`Session`), which owns one connection and ends when it drops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from pipeline import __version__
+from pipeline.config import ConsumerSettings, redact
+from pipeline.decode import NodeStatus, Reading, decode_reading, decode_status
+from pipeline.errors import Rejected
+from pipeline.metrics import BROKER_UP, DATABASE_UP, Metrics
+from pipeline.store import BatchResult, Store
+
+__all__ = ["Backoff", "Batch", "Session", "Writer", "consume_forever"]
+
+log = logging.getLogger(__name__)
+
+# Errors that end a session: the connection or channel is gone; the outer loop reconnects.
+_AMQP_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+)
+
+
+# How long an orderly shutdown waits for the last batches to commit.
+_SHUTDOWN_GRACE_S = 25.0
+
+
+class Backoff:
+    """Capped, jittered exponential back-off that resets after a healthy run."""
+
+    def __init__(self, initial: float = 0.5, cap: float = 30.0) -> None:
+        self.initial = initial
+        self.cap = cap
+        self._next = initial
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not cryptography
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    tag: int
+    queue: str
+    routing_key: str
+    properties: BasicProperties
+    body: bytes
+
+
+@dataclass
+class Batch:
+    """Deliveries that will be committed in one transaction and acknowledged together."""
+
+    session: Session
+    started: float = field(default_factory=time.monotonic)
+    readings: list[Reading] = field(default_factory=list)
+    reading_deliveries: list[Delivery] = field(default_factory=list)
+    statuses: list[NodeStatus] = field(default_factory=list)
+    tags: list[int] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.tags)
+
+    def add_reading(self, reading: Reading, delivery: Delivery) -> None:
+        self.readings.append(reading)
+        self.reading_deliveries.append(delivery)
+        self.tags.append(delivery.tag)
+
+    def add_status(self, status: NodeStatus, tag: int) -> None:
+        self.statuses.append(status)
+        self.tags.append(tag)
+
+
+class Writer(threading.Thread):
+    """Commits batches in the order they were handed over; never drops one on its own.
+
+    While the database is unreachable the current batch is retried with back-off. When
+    :meth:`stop` is called, the writer finishes what it has, giving up on a batch it still
+    cannot commit after ``grace_s`` (that batch is then simply not acknowledged: redelivery).
+    """
+
+    def __init__(self, store: Store, metrics: Metrics, *, grace_s: float = 20.0) -> None:
+        super().__init__(name="pipeline-writer", daemon=True)
+        self._store = store
+        self._metrics = metrics
+        self._grace_s = grace_s
+        self._queue: queue.Queue[Batch | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._stop_deadline = float("inf")
+        self.pending = 0
+        self._lock = threading.Lock()
+
+    def submit(self, batch: Batch) -> None:
+        with self._lock:
+            self.pending += 1
+        self._queue.put(batch)
+
+    def stop(self) -> None:
+        """Finish the queued batches (or give up after the grace period), then end."""
+        self._stop_deadline = time.monotonic() + self._grace_s
+        self._stopping.set()
+        self._queue.put(None)
+
+    def run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            try:
+                result = self._commit(batch)
+                if result is not None:
+                    batch.session.on_committed(batch, result)
+            except Exception:
+                # A bug must not kill the thread silently: the batch stays unacknowledged and
+                # is redelivered when the session ends.
+                log.exception("writer failed on a batch; it will be redelivered")
+            finally:
+                with self._lock:
+                    self.pending -= 1
+
+    def _commit(self, batch: Batch) -> BatchResult | None:
+        backoff = Backoff(0.2, 10.0)
+        failures = 0
+        while True:
+            began = time.monotonic()
+            try:
+                result = self._store.write(batch.readings, batch.statuses)
+            except (DBAPIError, SQLAlchemyError) as exc:
+                DATABASE_UP.set(0)
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "database unavailable, holding the batch unacknowledged "
+                        "deliveries=%d error=%s",
+                        batch.size,
+                        _first_line(exc),
+                    )
+                if self._stopping.is_set() and time.monotonic() > self._stop_deadline:
+                    log.warning("giving up on a batch at shutdown deliveries=%d", batch.size)
+                    return None
+                if batch.session.closed:
+                    log.info("session ended while the database was down; batch will be redelivered")
+                    return None
+                time.sleep(backoff.next())
+                continue
+            DATABASE_UP.set(1)
+            if failures:
+                log.info("database reachable again after failures=%d", failures)
+            self._metrics.on_batch(
+                batch.size,
+                result.inserted,
+                result.duplicates,
+                result.statuses,
+                time.monotonic() - began,
+            )
+            return result
+
+
+class Session:
+    """One AMQP connection consuming the readings and node-status queues.
+
+    Ends (returns or raises) when the connection drops or a stop is requested.
+    """
+
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        writer: Writer,
+        metrics: Metrics,
+        stop: threading.Event,
+    ) -> None:
+        self._settings = settings
+        self._writer = writer
+        self._metrics = metrics
+        self._stop = stop
+        self._batch_age = settings.batch_ms / 1000
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._dead_channel: BlockingChannel | None = None
+        self._batch: Batch | None = None
+        self._rejected: list[tuple[Delivery, str]] = []
+        self._in_flight = 0  # batches handed to the writer and not yet acknowledged
+        self.closed = False
+
+    # -- the session -----------------------------------------------------------------------
+    def run(self) -> None:
+        """Consume until a stop is requested; raise an AMQP error if the connection drops."""
+        params = pika.URLParameters(self._settings.rabbitmq_url)
+        params.heartbeat = 30
+        params.blocked_connection_timeout = 300
+        self._connection = pika.BlockingConnection(params)
+        try:
+            self._channel = self._connection.channel()
+            self._channel.basic_qos(prefetch_count=self._settings.prefetch)
+            self._dead_channel = self._connection.channel()
+            self._dead_channel.confirm_delivery()
+            s = self._settings
+            self._channel.basic_consume(s.readings_queue, self._on_reading)
+            self._channel.basic_consume(s.status_queue, self._on_status)
+            BROKER_UP.set(1)
+            log.info(
+                "consuming queues=%s,%s prefetch=%d batch_size=%d batch_ms=%d",
+                s.readings_queue,
+                s.status_queue,
+                s.prefetch,
+                s.batch_size,
+                s.batch_ms,
+            )
+            self._loop()
+            self._shutdown()
+        finally:
+            BROKER_UP.set(0)
+            self.closed = True
+            if self._connection.is_open:
+                with contextlib.suppress(*_AMQP_ERRORS):
+                    self._connection.close()
+
+    @property
+    def _conn(self) -> pika.BlockingConnection:
+        if self._connection is None:
+            raise RuntimeError("session is not connected")
+        return self._connection
+
+    @property
+    def _chan(self) -> BlockingChannel:
+        if self._channel is None or self._dead_channel is None:
+            raise RuntimeError("session has no channel")
+        return self._channel
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._conn.process_data_events(time_limit=self._wait_time())  # type: ignore[arg-type]
+            self._settle_rejected()
+            if self._batch is not None and (
+                self._batch.size >= self._settings.batch_size
+                or time.monotonic() - self._batch.started >= self._batch_age
+            ):
+                self._flush()
+            self._metrics.maybe_log()
+
+    def _wait_time(self) -> float:
+        if self._batch is None:
+            return 0.5
+        return max(0.0, self._batch_age - (time.monotonic() - self._batch.started))
+
+    def _shutdown(self) -> None:
+        """Stop receiving, commit and acknowledge what was received, then return."""
+        self._chan.stop_consuming()  # cancels both consumers; undispatched ones go back
+        self._conn.process_data_events(time_limit=0)
+        self._settle_rejected()
+        self._flush()
+        deadline = time.monotonic() + _SHUTDOWN_GRACE_S
+        while self._in_flight and time.monotonic() < deadline:
+            self._conn.process_data_events(time_limit=0.05)  # type: ignore[arg-type]
+        if self._in_flight:
+            log.warning("shutdown with batches not committed batches=%d", self._in_flight)
+        self._metrics.maybe_log(force=True)
+
+    # -- receiving -------------------------------------------------------------------------
+    def _delivery(
+        self, queue_name: str, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> Delivery:
+        routing_key = method.routing_key or ""
+        # A replayed dead letter comes back through the default exchange, which only the
+        # pipeline may publish to (nodes may write amq.topic only), with its original key.
+        if method.exchange == "" and props.headers:
+            original = props.headers.get("x-original-routing-key")
+            if isinstance(original, bytes):
+                original = original.decode("utf-8", "replace")
+            if isinstance(original, str):
+                routing_key = original
+        return Delivery(int(method.delivery_tag or 0), queue_name, routing_key, props, body)
+
+    def _on_reading(
+        self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        delivery = self._delivery(self._settings.readings_queue, method, props, body)
+        self._metrics.on_consumed(delivery.queue, 1)
+        try:
+            reading = decode_reading(body, delivery.routing_key, now=datetime.now(UTC))
+        except Rejected as exc:
+            self._rejected.append((delivery, exc.reason))
+            return
+        self._current_batch().add_reading(reading, delivery)
+
+    def _on_status(
+        self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        delivery = self._delivery(self._settings.status_queue, method, props, body)
+        self._metrics.on_consumed(delivery.queue, 1)
+        try:
+            status = decode_status(body, delivery.routing_key, now=datetime.now(UTC))
+        except Rejected as exc:
+            self._rejected.append((delivery, exc.reason))
+            return
+        self._current_batch().add_status(status, delivery.tag)
+
+    def _current_batch(self) -> Batch:
+        if self._batch is None:
+            self._batch = Batch(session=self)
+        return self._batch
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None or batch.size == 0:
+            return
+        self._in_flight += 1
+        self._writer.submit(batch)
+
+    # -- dead letters ----------------------------------------------------------------------
+    def _settle_rejected(self) -> None:
+        """Dead-letter each rejected delivery with its reason, then acknowledge it."""
+        rejected, self._rejected = self._rejected, []
+        for delivery, reason in rejected:
+            if self._dead_letter(delivery, reason):
+                self._chan.basic_ack(delivery.tag)
+
+    def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
+        """Publish a copy into the dead-letter queue with the reason, and wait for the confirm.
+
+        Returns True when the copy is safely queued and the caller must acknowledge the
+        delivery. If the copy cannot be published, the delivery is rejected instead
+        (``basic_nack(requeue=False)``), so the queue's dead-letter policy still keeps it (with
+        ``x-death`` but without the reason, which is logged), and False is returned.
+        """
+        channel = self._chan
+        dead_channel = self._dead_channel
+        assert dead_channel is not None  # noqa: S101 - _chan checked it
+        dead_queue = (
+            self._settings.status_dead_queue
+            if delivery.queue == self._settings.status_queue
+            else self._settings.dead_queue
+        )
+        props = delivery.properties
+        headers: dict[str, Any] = dict(props.headers or {})
+        headers.update(
+            {
+                "x-reject-reason": reason,
+                "x-original-routing-key": delivery.routing_key,
+                "x-original-queue": delivery.queue,
+                "x-rejected-at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "x-rejected-by": f"pipeline {__version__}",
+            }
+        )
+        copy = BasicProperties(
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
+            delivery_mode=2,  # persistent
+            message_id=props.message_id or hashlib.sha256(delivery.body).hexdigest()[:32],
+            timestamp=props.timestamp,
+            headers=headers,
+        )
+        self._metrics.on_rejected(delivery.queue)
+        try:
+            dead_channel.basic_publish("", dead_queue, delivery.body, copy, mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            log.error(  # noqa: TRY400 - the reason matters here, not pika's traceback
+                "dead-letter copy refused, rejecting instead queue=%s reason=%s error=%s",
+                dead_queue,
+                reason,
+                exc,
+            )
+            channel.basic_nack(delivery.tag, requeue=False)
+            return False
+        return True
+
+    # -- acknowledgement (called from the writer thread) -----------------------------------
+    def on_committed(self, batch: Batch, result: BatchResult) -> None:
+        """Schedule the batch's acknowledgement on the AMQP thread."""
+        connection = self._connection
+        if connection is None or self.closed:
+            return
+        with contextlib.suppress(*_AMQP_ERRORS):
+            connection.add_callback_threadsafe(lambda: self._acknowledge(batch, result))
+
+    def _acknowledge(self, batch: Batch, result: BatchResult) -> None:
+        self._in_flight -= 1
+        if self._channel is None or not self._channel.is_open:
+            return
+        nacked: set[int] = set()
+        for index, reason in result.refused:
+            delivery = batch.reading_deliveries[index]
+            if not self._dead_letter(delivery, reason):
+                nacked.add(delivery.tag)
+        # One ack settles the whole batch: every tag up to the highest one still outstanding
+        # (rejected deliveries were settled already, and lower tags belong to earlier batches,
+        # which committed first).
+        remaining = [tag for tag in batch.tags if tag not in nacked] if nacked else batch.tags
+        if remaining:
+            self._channel.basic_ack(max(remaining), multiple=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def consume_forever(
+    settings: ConsumerSettings,
+    store: Store,
+    stop: threading.Event,
+    *,
+    on_session: Callable[[Session], None] | None = None,
+) -> None:
+    """Run sessions until ``stop`` is set, reconnecting with capped, jittered back-off.
+
+    Returns after an orderly shutdown: the last batch committed and acknowledged (or, if the
+    database stayed down, left unacknowledged for redelivery).
+    """
+    metrics = Metrics(interval_s=settings.log_interval_s)
+    writer = Writer(store, metrics)
+    writer.start()
+    backoff = Backoff()
+    attempt = 0
+    try:
+        while not stop.is_set():
+            started = time.monotonic()
+            session = Session(settings, writer, metrics, stop)
+            if on_session is not None:
+                on_session(session)
+            try:
+                session.run()
+                attempt = 0
+            except _AMQP_ERRORS as exc:
+                attempt += 1
+                if time.monotonic() - started > 60:
+                    backoff.reset()
+                    attempt = 1
+                delay = backoff.next()
+                log.warning(
+                    "broker connection lost or refused attempt=%d retry_in_s=%.1f url=%s error=%s",
+                    attempt,
+                    delay,
+                    redact(settings.rabbitmq_url),
+                    _first_line(exc) or type(exc).__name__,
+                )
+                stop.wait(delay)
+    finally:
+        writer.stop()
+        writer.join(30)

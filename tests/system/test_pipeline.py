@@ -1,0 +1,364 @@
+"""`pipeline consume` against the real broker and database: exactly once, whatever fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from pipeline.decode import Reading, encode_reading
+from tests.conftest import Database
+from tests.harness import RabbitBroker
+from tests.harness.pipeline_proc import ConsumerProcess
+from tests.harness.procs import free_port, wait_for
+
+pytestmark = pytest.mark.system
+
+
+def _readings(
+    n: int, *, nodes: int = 4, sensors: int = 3, start: int = 0, at: datetime | None = None
+) -> list[tuple[str, bytes]]:
+    """``n`` valid v1 readings spread over nodes and sensors, seq unique per node."""
+    at = at or datetime.now(UTC) - timedelta(minutes=5)
+    out = []
+    for i in range(start, start + n):
+        node, sensor = f"node-{i % nodes}", f"s{(i // nodes) % sensors}"
+        reading = Reading(
+            node=node,
+            sensor=sensor,
+            kind="simulated",
+            seq=i,
+            ts=at + timedelta(milliseconds=i),
+            temperature_c=20 + (i % 100) / 10,
+            humidity_pct=None,
+            time_uncertain=False,
+        )
+        out.append((f"sensors.{node}.{sensor}", encode_reading(reading)))
+    return out
+
+
+def _count(database: Database) -> tuple[int, int, int]:
+    """(rows, distinct keys, readings counted by the rollup)."""
+    with psycopg.connect(database.owner_url) as conn:
+        rows, distinct = conn.execute(
+            "SELECT count(*), count(DISTINCT (node, sensor, seq)) FROM readings"
+        ).fetchone() or (0, 0)
+        rolled = conn.execute("SELECT coalesce(sum(n), 0) FROM readings_minute").fetchone()
+    return int(rows), int(distinct), int(rolled[0] if rolled else 0)
+
+
+def _wait_rows(database: Database, expected: int, timeout: float = 120) -> None:
+    wait_for(f"{expected} rows", lambda: _count(database)[0] >= expected, timeout, interval=0.2)
+
+
+def _assert_exactly(database: Database, rabbit: RabbitBroker, n: int) -> None:
+    rows, distinct, rolled = _count(database)
+    print(f"rows={rows} distinct={distinct} rollup_n={rolled} expected={n}")
+    assert (rows, distinct, rolled) == (n, n, n)
+    wait_for("readings queue settled", lambda: rabbit.unacked("readings") == (0, 0), 30)
+    assert rabbit.depth("readings.dead") == 0
+
+
+@pytest.fixture
+def consumers(
+    rabbit: RabbitBroker,  # noqa: ARG001 - the servers must outlive the consumers
+    database: Database,  # noqa: ARG001
+) -> Iterator[list[ConsumerProcess]]:
+    started: list[ConsumerProcess] = []
+    yield started
+    for n, consumer in enumerate(started):
+        if consumer.alive():
+            consumer.kill()
+        # pytest shows this only when the test failed.
+        print(f"--- consumer {n} log ---\n{consumer.log[-4000:]}")
+        consumer.close()
+
+
+def _start(
+    consumers: list[ConsumerProcess], rabbit: RabbitBroker, database: Database, **kw: int
+) -> ConsumerProcess:
+    consumer = ConsumerProcess(rabbit, database.writer_url, **kw)
+    consumers.append(consumer)
+    return consumer
+
+
+def test_stream_is_stored_once_and_acknowledged(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    messages = _readings(3000)
+    rabbit.publish(messages)
+    rabbit.publish(messages[:200])  # republished by a client that retried
+    consumer = _start(consumers, rabbit, database)
+    _wait_rows(database, 3000)
+    wait_for("queue drained", lambda: rabbit.unacked("readings") == (0, 0), 30)
+    assert consumer.terminate() == 0
+    _assert_exactly(database, rabbit, 3000)
+    assert "duplicates=" in consumer.log
+
+
+def test_poison_is_dead_lettered_with_reason_and_the_next_reading_stored(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    [good] = _readings(1)
+    rabbit.publish([("sensors.node-0.s0", b"\xff\xfe not json"), good])
+    bad_temp = json.loads(good[1])
+    bad_temp.update(seq=99, temperature_c=300.0)
+    rabbit.publish([(good[0], json.dumps(bad_temp).encode())])
+    _start(consumers, rabbit, database)
+    _wait_rows(database, 1)
+    rabbit.wait_depth("readings.dead", 2)
+    dead = rabbit.drain("readings.dead")
+    reasons = [props.headers["x-reject-reason"] for _, props, _ in dead]
+    assert "payload" in reasons[0]
+    assert "temperature_c" in reasons[1]
+    assert "300" in reasons[1]
+    assert [props.headers["x-original-routing-key"] for _, props, _ in dead] == [
+        "sensors.node-0.s0",
+        "sensors.node-0.s0",
+    ]
+    assert dead[0][2] == b"\xff\xfe not json"
+    assert _count(database)[0] == 1
+    wait_for("readings settled", lambda: rabbit.unacked("readings") == (0, 0), 30)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_stream_then_restart_stores_exactly_20000(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    messages = _readings(20_000, nodes=5, sensors=4)
+    publisher = threading.Thread(target=rabbit.publish, args=(messages,))
+    publisher.start()
+    first = _start(consumers, rabbit, database, batch_size=200, prefetch=600)
+    _wait_rows(database, 4000)
+    first.kill()
+    killed_at = _count(database)[0]
+    _start(consumers, rabbit, database, batch_size=200, prefetch=600)
+    publisher.join(120)
+    _wait_rows(database, 20_000, timeout=180)
+    print(f"killed at rows={killed_at}")
+    _assert_exactly(database, rabbit, 20_000)
+
+
+@pytest.mark.slow
+def test_two_consumers_compete_for_one_queue(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    # Few sensors, one minute of timestamps: both consumers upsert the same rollup rows.
+    messages = _readings(12_000, nodes=2, sensors=2)
+    a = _start(consumers, rabbit, database, batch_size=100, prefetch=300)
+    b = _start(consumers, rabbit, database, batch_size=100, prefetch=300)
+    rabbit.publish(messages)
+    rabbit.publish(messages[::7])  # duplicates that may land on either consumer
+    _wait_rows(database, 12_000)
+    wait_for("queue drained", lambda: rabbit.unacked("readings") == (0, 0), 60)
+    assert a.terminate() == 0
+    assert b.terminate() == 0
+    assert "deadlock" not in (a.log + b.log).lower()
+    _assert_exactly(database, rabbit, 12_000)
+    assert "inserted=" in a.log
+    assert "inserted=" in b.log
+
+
+@pytest.mark.slow
+def test_broker_killed_mid_stream(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    rabbit.publish(_readings(20_000))
+    consumer = _start(consumers, rabbit, database, batch_size=100, prefetch=300)
+    _wait_rows(database, 2000)
+    rabbit.kill()
+    time.sleep(2)
+    rabbit.start()
+    _wait_rows(database, 20_000, timeout=180)
+    assert consumer.alive()
+    assert "broker connection lost" in consumer.log
+    _assert_exactly(database, rabbit, 20_000)
+
+
+@pytest.mark.slow
+def test_database_crash_mid_stream_holds_then_resumes(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    rabbit.publish(_readings(20_000))
+    consumer = _start(consumers, rabbit, database, batch_size=100, prefetch=300)
+    _wait_rows(database, 2000)
+    database.server.kill()
+    time.sleep(4)
+    # The consumer holds its batches: nothing acknowledged while the database is down.
+    ready, unacked = rabbit.unacked("readings")
+    assert unacked > 0
+    assert ready + unacked > 0
+    database.server.start()
+    _wait_rows(database, 20_000, timeout=180)
+    assert consumer.alive()
+    assert "database unavailable" in consumer.log
+    _assert_exactly(database, rabbit, 20_000)
+
+
+def test_sigterm_commits_acknowledges_and_exits_0(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    rabbit.publish(_readings(10_000))
+    consumer = _start(consumers, rabbit, database, batch_size=250, prefetch=1000, batch_ms=2000)
+    _wait_rows(database, 500)
+    assert consumer.terminate(timeout=60) == 0
+    rows = _count(database)[0]
+    # Every committed row was acknowledged and every other message is back in the queue
+    # (quorum queue counts lag about a second behind the acks).
+    wait_for("queue settled", lambda: rabbit.unacked("readings") == (10_000 - rows, 0), 15)
+    print(f"after SIGTERM rows={rows} ready={10_000 - rows}")
+    assert "stopping on SIGTERM" in consumer.log
+    _start(consumers, rabbit, database)
+    _wait_rows(database, 10_000)
+    _assert_exactly(database, rabbit, 10_000)
+
+
+def test_legacy_course_messages_land(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    rabbit.publish(
+        [
+            (
+                "sensors.lab-pi.3",
+                json.dumps({"id": 3, "data": "2026-01-05 10:00:00", "temperatura": 23.5}).encode(),
+            )
+        ]
+    )
+    # The course's sensors published with pika straight into the queue.
+    rabbit.publish(
+        [
+            (
+                "readings",
+                json.dumps({"id": "7", "data": "2026-01-05T10:00:01Z", "temperatura": 19}).encode(),
+            )
+        ],
+        exchange="",
+    )
+    _start(consumers, rabbit, database)
+    _wait_rows(database, 2)
+    with psycopg.connect(database.owner_url) as conn:
+        rows = conn.execute(
+            "SELECT node, sensor, kind, seq, ts, temperature_c FROM readings ORDER BY sensor"
+        ).fetchall()
+    assert rows == [
+        ("lab-pi", "3", "legacy", 1767607200000, datetime(2026, 1, 5, 10, tzinfo=UTC), 23.5),
+        ("legacy", "7", "legacy", 1767607201000, datetime(2026, 1, 5, 10, 0, 1, tzinfo=UTC), 19.0),
+    ]
+
+
+def test_node_status_online_heartbeat_and_last_will(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    online = {"version": 1, "node": "pi-a", "state": "online", "ts": now}
+    heartbeat = {
+        **online,
+        "agent_version": "1.2.3",
+        "uptime_s": 61.5,
+        "outbox_depth": 4,
+        "dropped": 0,
+        "read_errors": {"t1": 2},
+    }
+    will = {"version": 1, "node": "pi-a", "state": "offline"}
+    rabbit.publish([("status.pi-a", json.dumps(m).encode()) for m in (online, heartbeat)])
+    _start(consumers, rabbit, database)
+    wait_for("node row", lambda: _node(database) is not None, 30)
+    wait_for("heartbeat applied", lambda: (_node(database) or {}).get("outbox_depth") == 4, 30)
+    rabbit.publish([("status.pi-a", json.dumps(will).encode())])
+    wait_for("offline", lambda: (_node(database) or {}).get("state") == "offline", 30)
+    node = _node(database)
+    assert node is not None
+    assert node["agent_version"] == "1.2.3"  # the Last Will keeps the last known counters
+    assert node["read_errors"] == {"t1": 2}
+    rabbit.publish([("status.pi-a", b'{"state": "confused"}')])
+    rabbit.wait_depth("node-status.dead", 1)
+
+
+def _node(database: Database) -> dict[str, object] | None:
+    with psycopg.connect(database.owner_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT * FROM nodes WHERE node = 'pi-a'")
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([d.name for d in cur.description or []], row, strict=True))
+
+
+def test_dead_letters_list_and_replay(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    # A valid reading rejected by an older consumer: the broker dead-letters it by policy.
+    [good] = _readings(1)
+    rabbit.publish([good, ("sensors.node-0.s0", b"[1, 2]")])
+    with rabbit.connection() as conn:
+        channel = conn.channel()
+        method, _, _ = channel.basic_get("readings")
+        assert method is not None
+        channel.basic_nack(method.delivery_tag, requeue=False)
+    rabbit.wait_depth("readings.dead", 1)
+    env = {
+        "RABBITMQ_URL": f"amqp://127.0.0.1:{rabbit.amqp_port}/%2F",
+        "RABBITMQ_USER": rabbit.pipeline.username,
+        "RABBITMQ_PASSWORD": rabbit.pipeline.password,
+    }
+    consumer = _start(consumers, rabbit, database)
+    rabbit.wait_depth("readings.dead", 2)
+    listed = json.loads(_pipeline(env, "dead", "list", "--json"))
+    assert [d["routing_key"] for d in listed] == ["sensors.node-0.s0", "sensors.node-0.s0"]
+    assert "no reason recorded" in listed[0]["reason"]
+    assert "JSON array" in listed[1]["reason"]
+    assert rabbit.depth("readings.dead") == 2  # listing leaves them in place
+    assert "1 would now be stored, 1 would be rejected" in _pipeline(
+        env, "dead", "replay", "--dry-run"
+    )
+    assert "replayed 2" in _pipeline(env, "dead", "replay")
+    _wait_rows(database, 1)
+    rabbit.wait_depth("readings.dead", 1)  # the unusable one is back, with a fresh reason
+    [(_, props, _)] = rabbit.drain("readings.dead")
+    assert props.headers["x-replayed"] == 1
+    assert props.headers["x-original-routing-key"] == "sensors.node-0.s0"
+    assert consumer.terminate() == 0
+
+
+def _pipeline(env: dict[str, str], *args: str) -> str:
+    import os  # noqa: PLC0415
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_metrics_endpoint_counts(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    port = free_port()
+    rabbit.publish(_readings(500))
+    rabbit.publish([("sensors.node-0.s0", b"{}")])
+    _start(consumers, rabbit, database, metrics_port=port)
+    _wait_rows(database, 500)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    wait_for("metrics", lambda: "pipeline_readings_inserted_total 500.0" in scrape(), 30)
+    text = scrape()
+    assert 'pipeline_messages_rejected_total{queue="readings"} 1.0' in text
+    assert 'pipeline_messages_consumed_total{queue="readings"} 501.0' in text
+    assert "pipeline_commit_seconds_bucket" in text
+    assert "pipeline_batch_size_count" in text
+    assert "pipeline_database_up 1.0" in text
