@@ -1,0 +1,411 @@
+"""The agent's configuration: one TOML file plus environment overrides, checked once at start.
+
+Every key is validated here, with errors that name the key and the value; nothing past this
+module sees raw configuration. Environment variables override file values:
+
+    EDGE_NODE_ID, EDGE_MQTT_HOST, EDGE_MQTT_PORT, EDGE_MQTT_USERNAME, EDGE_MQTT_PASSWORD,
+    EDGE_MQTT_PASSWORD_FILE, EDGE_MQTT_TLS_CA_FILE, EDGE_MQTT_TLS_CERT_FILE,
+    EDGE_MQTT_TLS_KEY_FILE, EDGE_OUTBOX_PATH, EDGE_OUTBOX_DRAIN_RATE_PER_S,
+    EDGE_AGENT_HEARTBEAT_S, EDGE_AGENT_LED_PIN, EDGE_CLOCK_REQUIRE_SYNC
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "AgentConfig",
+    "ClockConfig",
+    "MqttConfig",
+    "OutboxConfig",
+    "SensorConfig",
+    "load_config",
+    "simulate_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
+DEFAULT_OUTBOX_PATH = Path("/var/lib/edge-agent/outbox.sqlite")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_W1_ID = re.compile(r"28-[0-9a-f]{12}")
+KINDS = ("ds18b20", "dht22", "cpu", "simulated")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttConfig:
+    host: str = "localhost"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = 60
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    max_inflight: int = 100
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxConfig:
+    path: Path = DEFAULT_OUTBOX_PATH
+    max_rows: int = 1_000_000
+    max_age_days: float = 30.0
+    drain_rate_per_s: float = 500.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClockConfig:
+    require_sync: bool = True
+    hold_max_s: float = 6 * 3600.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SensorConfig:
+    id: str
+    kind: str
+    interval_s: float = 30.0
+    offset_c: float = 0.0
+    median_window: int = 1
+    pin: int | None = None  # dht22
+    device: str | None = None  # ds18b20: its 1-Wire id, when ``id`` is a friendly name
+    seed: int | None = None  # simulated
+    humidity: bool = False  # simulated
+    dropout_rate: float = 0.0  # simulated
+    spike_rate: float = 0.0  # simulated
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    node_id: str
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
+    sensors: tuple[SensorConfig, ...] = ()
+    heartbeat_s: float = 60.0
+    led_pin: int | None = None
+    w1_root: Path = Path("/sys/bus/w1/devices")
+    shutdown_flush_s: float = 5.0
+
+
+# --- typed readers ----------------------------------------------------------------------------
+
+
+class _Section:
+    """One TOML table: typed getters that name the key in every error, and unknown-key checks."""
+
+    def __init__(self, name: str, data: object) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"[{name}] must be a table, not {type(data).__name__}")
+        self.name = name
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
+    def _get(self, key: str) -> object:
+        self.used.add(key)
+        return self.data.get(key)
+
+    def text(self, key: str, default: str | None = None) -> str | None:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.key(key)} = {value!r} must be a string")
+        return value
+
+    def integer(self, key: str, default: int | None, low: int, high: int) -> int | None:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.key(key)} = {value!r} must be an integer")
+        if not low <= value <= high:
+            raise ConfigError(f"{self.key(key)} = {value} is outside {low}..{high}")
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{self.key(key)} = {value!r} must be a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{self.key(key)} = {value!r} must be a number")
+        if not low <= value <= high:
+            raise ConfigError(f"{self.key(key)} = {value} is outside {low}..{high}")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "false", "0", "no"}:
+            return value.lower() in {"true", "1", "yes"}
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.key(key)} = {value!r} must be true or false")
+        return value
+
+    def path(self, key: str, default: Path | None = None) -> Path | None:
+        value = self.text(key)
+        return Path(value) if value else default
+
+    def finish(self, *subtables: str) -> None:
+        unknown = set(self.data) - self.used - set(subtables)
+        if unknown:
+            where = f"[{self.name}]" if self.name else "the top level"
+            raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
+
+
+def _check_id(key: str, value: str) -> str:
+    if not _ID.fullmatch(value):
+        raise ConfigError(
+            f"{key} = {value!r} is not a valid id: use 1-64 letters, digits, '_' or '-' "
+            "(a dot or slash would change the MQTT topic)"
+        )
+    return value
+
+
+def default_node_id() -> str:
+    """The hostname, made into a valid id (`pi.local` -> `pi-local`)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64]
+    return name or "edge"
+
+
+# --- environment overrides --------------------------------------------------------------------
+
+_ENV: Mapping[str, tuple[str, str]] = {
+    "EDGE_NODE_ID": ("node", "id"),
+    "EDGE_MQTT_HOST": ("mqtt", "host"),
+    "EDGE_MQTT_PORT": ("mqtt", "port"),
+    "EDGE_MQTT_USERNAME": ("mqtt", "username"),
+    "EDGE_MQTT_PASSWORD": ("mqtt", "password"),
+    "EDGE_MQTT_PASSWORD_FILE": ("mqtt", "password_file"),
+    "EDGE_MQTT_TLS_CA_FILE": ("mqtt", "ca_file"),
+    "EDGE_MQTT_TLS_CERT_FILE": ("mqtt", "cert_file"),
+    "EDGE_MQTT_TLS_KEY_FILE": ("mqtt", "key_file"),
+    "EDGE_OUTBOX_PATH": ("outbox", "path"),
+    "EDGE_OUTBOX_DRAIN_RATE_PER_S": ("outbox", "drain_rate_per_s"),
+    "EDGE_AGENT_HEARTBEAT_S": ("agent", "heartbeat_s"),
+    "EDGE_AGENT_LED_PIN": ("agent", "led_pin"),
+    "EDGE_CLOCK_REQUIRE_SYNC": ("clock", "require_sync"),
+}
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for var, (section, key) in _ENV.items():
+        if var in env:
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{section}] must be a table")
+            table[key] = env[var]
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    simulate: bool = False,
+) -> AgentConfig:
+    """Read ``path`` (default /etc/edge-agent/config.toml) and the environment.
+
+    With ``simulate`` and no file, the agent runs three simulated sensors against a broker on
+    localhost and keeps its outbox in the user's state directory.
+
+    Raises:
+        ConfigError: the file is missing (and not simulating), is not TOML, or a key is
+            unknown, mistyped or out of range; the message names the key and the value.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    file = path or DEFAULT_CONFIG_PATH
+    if file.exists():
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+    elif path is not None or not simulate:
+        raise ConfigError(
+            f"configuration file {file} not found: create it (see the README) "
+            "or run `edge-agent run --simulate` to try the agent without hardware"
+        )
+    _apply_env(raw, env)
+    return _parse(raw, simulate=simulate, from_file=file.exists())
+
+
+def simulate_config(env: Mapping[str, str] | None = None) -> AgentConfig:
+    return load_config(None, env, simulate=True)
+
+
+def _parse(raw: dict[str, Any], *, simulate: bool, from_file: bool) -> AgentConfig:
+    top = _Section("", raw)
+    node = _Section("node", raw.get("node", {}))
+    node_id = _check_id("node.id", node.text("id") or default_node_id())
+    node.finish()
+
+    mqtt = _parse_mqtt(_Section("mqtt", raw.get("mqtt", {})), node_id)
+    outbox = _parse_outbox(_Section("outbox", raw.get("outbox", {})), simulate and not from_file)
+    clock_t = _Section("clock", raw.get("clock", {}))
+    clock = ClockConfig(
+        require_sync=clock_t.flag("require_sync", not (simulate and not from_file)),
+        hold_max_s=clock_t.number("hold_max_s", 6 * 3600.0, 60.0, 30 * 86400.0),
+    )
+    clock_t.finish()
+    agent = _Section("agent", raw.get("agent", {}))
+    heartbeat_s = agent.number("heartbeat_s", 60.0, 1.0, 3600.0)
+    led_pin = agent.integer("led_pin", None, 0, 27)
+    w1_root = agent.path("w1_root", Path("/sys/bus/w1/devices"))
+    flush_s = agent.number("shutdown_flush_s", 5.0, 0.0, 300.0)
+    agent.finish()
+
+    sensors_raw = raw.get("sensors")
+    if sensors_raw is None:
+        sensors_raw = _simulated_defaults() if simulate else []
+    if not isinstance(sensors_raw, list):
+        raise ConfigError("sensors must be an array of tables: [[sensors]]")
+    sensors = tuple(_parse_sensor(i, s) for i, s in enumerate(sensors_raw))
+    if not sensors:
+        raise ConfigError("no [[sensors]] configured: add at least one (see the README)")
+    seen: set[str] = set()
+    for s in sensors:
+        if s.id in seen:
+            raise ConfigError(f"sensors: id {s.id!r} is used twice")
+        seen.add(s.id)
+    top.used.update({"node", "mqtt", "outbox", "clock", "agent", "sensors"})
+    top.finish()
+    return AgentConfig(
+        node_id=node_id,
+        mqtt=mqtt,
+        outbox=outbox,
+        clock=clock,
+        sensors=sensors,
+        heartbeat_s=heartbeat_s,
+        led_pin=led_pin,
+        w1_root=w1_root or Path("/sys/bus/w1/devices"),
+        shutdown_flush_s=flush_s,
+    )
+
+
+def _parse_mqtt(t: _Section, node_id: str) -> MqttConfig:
+    password = t.text("password")
+    password_file = t.path("password_file")
+    if password_file is not None:
+        try:
+            password = password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"mqtt.password_file = {str(password_file)!r}: {exc.strerror}"
+            ) from None
+    ca, cert, key = t.path("ca_file"), t.path("cert_file"), t.path("key_file")
+    for name, p in (("ca_file", ca), ("cert_file", cert), ("key_file", key)):
+        if p is not None and not p.is_file():
+            raise ConfigError(f"mqtt.{name} = {str(p)!r} does not exist")
+    if (cert is None) != (key is None):
+        raise ConfigError("mqtt.cert_file and mqtt.key_file must be given together")
+    if cert is not None and ca is None:
+        raise ConfigError("mqtt.cert_file needs mqtt.ca_file (TLS) as well")
+    port_default = 8883 if ca is not None else 1883
+    config = MqttConfig(
+        host=t.text("host", "localhost") or "localhost",
+        port=t.integer("port", port_default, 1, 65535) or port_default,
+        username=t.text("username", node_id),
+        password=password,
+        keepalive_s=t.integer("keepalive_s", 60, 5, 3600) or 60,
+        ca_file=ca,
+        cert_file=cert,
+        key_file=key,
+        max_inflight=t.integer("max_inflight", 100, 1, 1000) or 100,
+    )
+    t.finish()
+    return config
+
+
+def _parse_outbox(t: _Section, user_state: bool) -> OutboxConfig:
+    default_path = DEFAULT_OUTBOX_PATH
+    if user_state:
+        state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+        default_path = state / "edge-agent" / "outbox.sqlite"
+    config = OutboxConfig(
+        path=t.path("path", default_path) or default_path,
+        max_rows=t.integer("max_rows", 1_000_000, 100, 100_000_000) or 1_000_000,
+        max_age_days=t.number("max_age_days", 30.0, 0.01, 3650.0),
+        drain_rate_per_s=t.number("drain_rate_per_s", 500.0, 1.0, 100_000.0),
+    )
+    t.finish()
+    return config
+
+
+def _parse_sensor(index: int, data: object) -> SensorConfig:
+    t = _Section(f"sensors[{index}]", data)
+    sensor_id = t.text("id")
+    if sensor_id is None:
+        raise ConfigError(f"sensors[{index}].id is missing")
+    _check_id(f"sensors[{index}].id", sensor_id)
+    kind = t.text("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"sensors[{index}].kind = {kind!r} must be one of {', '.join(KINDS)}")
+    min_interval = 2.0 if kind == "dht22" else 0.01
+    median = t.integer("median_window", 1, 1, 15) or 1
+    if median > 1 and median % 2 == 0:
+        raise ConfigError(f"sensors[{index}].median_window = {median} must be odd")
+    pin = t.integer("pin", None, 0, 27)
+    if kind == "dht22" and pin is None:
+        raise ConfigError(f"sensors[{index}].pin is required for a dht22 (its BCM GPIO number)")
+    if kind != "dht22" and pin is not None:
+        raise ConfigError(f"sensors[{index}].pin is only used by dht22 sensors")
+    device = t.text("device")
+    if kind == "ds18b20":
+        device = device or sensor_id
+        if not _W1_ID.fullmatch(device):
+            raise ConfigError(
+                f"sensors[{index}].device = {device!r} is not a DS18B20 1-Wire id like "
+                "28-0316a2b4c5ff: run `edge-agent detect`, and give a friendly name in id"
+            )
+    elif device is not None:
+        raise ConfigError(f"sensors[{index}].device is only used by ds18b20 sensors")
+    config = SensorConfig(
+        id=sensor_id,
+        kind=kind,
+        device=device,
+        interval_s=t.number("interval_s", 30.0, min_interval, 86_400.0),
+        offset_c=t.number("offset_c", 0.0, -20.0, 20.0),
+        median_window=median,
+        pin=pin,
+        seed=t.integer("seed", None, 0, 2**31),
+        humidity=t.flag("humidity", False),
+        dropout_rate=t.number("dropout_rate", 0.0, 0.0, 1.0),
+        spike_rate=t.number("spike_rate", 0.0, 0.0, 1.0),
+    )
+    t.finish()
+    return config
+
+
+def _simulated_defaults() -> list[dict[str, Any]]:
+    return [
+        {"id": "sim-1", "kind": "simulated", "interval_s": 5.0, "seed": 1},
+        {"id": "sim-2", "kind": "simulated", "interval_s": 5.0, "seed": 2},
+        {"id": "sim-3", "kind": "simulated", "interval_s": 5.0, "seed": 3, "humidity": True},
+    ]

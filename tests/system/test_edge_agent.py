@@ -1,0 +1,242 @@
+"""The edge agent against the real broker: outages, kills and the Last Will."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Database
+from tests.harness import RabbitBroker
+from tests.harness.agent_proc import AgentProcess, write_config
+from tests.harness.pipeline_proc import ConsumerProcess
+from tests.harness.procs import wait_for
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    for n, agent in enumerate(started):
+        if agent.alive():
+            agent.kill()
+        print(f"--- agent {n} log ---\n{agent.log[-4000:]}")
+
+
+def _outbox_seqs(directory: Path) -> tuple[int, int]:
+    """(depth, highest sequence number ever handed out) of an agent's outbox."""
+    conn = sqlite3.connect(directory / "outbox.sqlite")
+    try:
+        depth = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
+    finally:
+        conn.close()
+    return int(depth), int(top)
+
+
+def _arrived(rabbit: RabbitBroker) -> list[int]:
+    return [json.loads(body)["seq"] for _, _, body in rabbit.drain("readings")]
+
+
+def _first_seq(rabbit: RabbitBroker) -> int:
+    return min(_arrived(rabbit))
+
+
+def test_simulator_publishes_readings_that_arrive(
+    rabbit: RabbitBroker, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    creds = rabbit.add_node("pi-sim")
+    agent = AgentProcess(write_config(tmp_path, rabbit, creds))
+    agents.append(agent)
+    wait_for("300 readings queued", lambda: rabbit.depth("readings") >= 300, 60, interval=0.5)
+    assert agent.terminate() == 0
+    depth, top = _outbox_seqs(tmp_path)
+    assert depth == 0, "SIGTERM flushes the outbox while the broker is up"
+    time.sleep(1.5)  # quorum queue counts lag
+    seqs = _arrived(rabbit)
+    print(f"arrived={len(seqs)} distinct={len(set(seqs))} top={top}")
+    assert set(seqs) == set(range(min(seqs), top + 1)), "a sequence number went missing"
+    statuses = [json.loads(body) for _, _, body in rabbit.drain("node-status")]
+    assert statuses[0]["state"] == "online"
+    assert statuses[-1]["state"] == "offline"  # published on SIGTERM
+    heartbeat = next(s for s in statuses if "outbox_depth" in s)
+    assert heartbeat["read_errors"] == {"sim-1": 0, "sim-2": 0, "sim-3": 0}
+    assert "agent stopped" in agent.log
+
+
+@pytest.mark.slow
+def test_broker_outage_then_every_sequence_number_arrives(
+    rabbit: RabbitBroker, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    creds = rabbit.add_node("pi-outage")
+    agent = AgentProcess(write_config(tmp_path, rabbit, creds, interval_s=0.02))
+    agents.append(agent)
+    wait_for("readings flowing", lambda: rabbit.depth("readings") >= 100, 60, interval=0.5)
+    rabbit.stop()
+    time.sleep(6)  # the agent keeps sampling into its outbox
+    buffered, _ = _outbox_seqs(tmp_path)
+    assert buffered > 200, f"only {buffered} readings buffered during the outage"
+    rabbit.start()
+    wait_for("outbox drained", lambda: _outbox_seqs(tmp_path)[0] < 20, 120, interval=0.5)
+    assert agent.terminate() == 0
+    _, top = _outbox_seqs(tmp_path)
+    time.sleep(1.5)
+    seqs = _arrived(rabbit)
+    print(f"buffered={buffered} arrived={len(seqs)} distinct={len(set(seqs))} top={top}")
+    assert set(seqs) == set(range(min(seqs), top + 1))
+    assert "broker unreachable" in agent.log or "disconnected" in agent.log
+
+
+@pytest.mark.slow
+def test_agent_killed_while_broker_down_keeps_its_buffer(
+    rabbit: RabbitBroker, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    creds = rabbit.add_node("pi-powercut")
+    config = write_config(tmp_path, rabbit, creds, interval_s=0.02)
+    first = AgentProcess(config)
+    agents.append(first)
+    wait_for("readings flowing", lambda: rabbit.depth("readings") >= 50, 60, interval=0.5)
+    rabbit.stop()
+    time.sleep(4)
+    first.kill()  # a power cut while offline
+    buffered, top_at_kill = _outbox_seqs(tmp_path)
+    assert buffered > 100
+    rabbit.start()
+    second = AgentProcess(config)
+    agents.append(second)
+    wait_for("buffer drained", lambda: _outbox_seqs(tmp_path)[0] < 20, 120, interval=0.5)
+    assert second.terminate() == 0
+    _, top = _outbox_seqs(tmp_path)
+    time.sleep(1.5)
+    seqs = set(_arrived(rabbit))
+    assert set(range(min(seqs), top + 1)) <= seqs
+    assert top > top_at_kill  # the second run continued the sequence, never reused it
+
+
+def test_last_will_says_offline_after_kill(
+    rabbit: RabbitBroker, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    creds = rabbit.add_node("pi-will")
+    agent = AgentProcess(write_config(tmp_path, rabbit, creds, interval_s=1))
+    agents.append(agent)
+    wait_for("online status", lambda: rabbit.depth("node-status") >= 1, 60, interval=0.5)
+    agent.kill()
+
+    def offline_arrived() -> bool:
+        states = [json.loads(b).get("state") for _, _, b in rabbit.drain("node-status")]
+        offline_arrived.seen.extend(states)  # type: ignore[attr-defined]
+        return "offline" in offline_arrived.seen  # type: ignore[attr-defined]
+
+    offline_arrived.seen = []  # type: ignore[attr-defined]
+    wait_for("Last Will", offline_arrived, 30, interval=0.5)
+
+
+@pytest.mark.slow
+def test_chain_agent_broker_pipeline_database(
+    rabbit: RabbitBroker, database: Database, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """Every reading the agent took is a row, once: the whole chain with real processes."""
+    import psycopg  # noqa: PLC0415
+
+    creds = rabbit.add_node("pi-chain")
+    consumer = ConsumerProcess(rabbit, database.writer_url)
+    try:
+        agent = AgentProcess(write_config(tmp_path, rabbit, creds, interval_s=0.02))
+        agents.append(agent)
+        time.sleep(8)
+        assert agent.terminate() == 0
+        _, top = _outbox_seqs(tmp_path)
+
+        def rows() -> tuple[int, int, int]:
+            with psycopg.connect(database.owner_url) as conn:
+                got = conn.execute(
+                    "SELECT count(*), min(seq), max(seq) FROM readings WHERE node = 'pi-chain'"
+                ).fetchone()
+            assert got is not None
+            return int(got[0]), int(got[1] or 0), int(got[2] or 0)
+
+        wait_for("every reading stored", lambda: rows()[2] == top, 60, interval=0.5)
+        count, low, high = rows()
+        print(f"rows={count} seq={low}..{high}")
+        assert count == high - low + 1
+        with psycopg.connect(database.owner_url) as conn:
+            node = conn.execute("SELECT state FROM nodes WHERE node = 'pi-chain'").fetchone()
+        wait_for("node offline", lambda: node == ("offline",) or _state(database) == "offline", 30)
+    finally:
+        consumer.terminate()
+        consumer.close()
+
+
+def _state(database: Database) -> str | None:
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(database.owner_url) as conn:
+        row = conn.execute("SELECT state FROM nodes WHERE node = 'pi-chain'").fetchone()
+    return None if row is None else str(row[0])
+
+
+class _FakeClock:
+    """The kernel's view of the clock, faked at the lowest layer: a Pi after a power cut."""
+
+    def __init__(self) -> None:
+        self.synced = False
+        self.offset = -20 * 365 * 86400.0  # the wall clock is twenty years behind
+
+    def synchronized(self) -> bool:
+        return self.synced
+
+    def wall(self) -> float:
+        return time.time() + (0.0 if self.synced else self.offset)
+
+    def boottime(self) -> float:
+        return time.monotonic()
+
+    def boot_id(self) -> str:
+        return "this-boot"
+
+
+def test_readings_wait_for_the_clock_and_arrive_with_corrected_times(
+    rabbit: RabbitBroker, tmp_path: Path
+) -> None:
+    import threading  # noqa: PLC0415
+    from datetime import datetime  # noqa: PLC0415
+
+    from edge_agent.agent import Agent  # noqa: PLC0415
+    from edge_agent.config import load_config  # noqa: PLC0415
+    from edge_agent.outbox import Outbox  # noqa: PLC0415
+
+    creds = rabbit.add_node("pi-noclock")
+    config_path = write_config(tmp_path, rabbit, creds, interval_s=0.1, sensors=1)
+    config_path.write_text(config_path.read_text().replace("require_sync = false", ""))
+    config = load_config(config_path, {})
+    clock = _FakeClock()
+    agent = Agent(config, clock=clock)
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.run, args=(stop,))
+    taken_from = time.time()
+    runner.start()
+    try:
+        time.sleep(3)
+        with Outbox(config.outbox.path) as box:
+            held = box.held()
+        assert held >= 10
+        time.sleep(1.5)
+        assert rabbit.depth("readings") == 0, "a reading with a known-wrong time was sent"
+        clock.synced = True
+        wait_for("held readings sent", lambda: rabbit.depth("readings") >= held, 30)
+    finally:
+        stop.set()
+        runner.join(30)
+    taken_to = time.time()
+    times = [
+        datetime.fromisoformat(json.loads(b)["ts"]).timestamp()
+        for _, _, b in rabbit.drain("readings")
+    ]
+    assert times
+    assert all(taken_from - 1 <= t <= taken_to + 1 for t in times), "times were not corrected"
