@@ -21,6 +21,7 @@ def write_config(
     sensors: int = 3,
     drain_rate: float = 2000,
     heartbeat_s: float = 1,
+    seed_base: int = 0,
     extra: str = "",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
@@ -48,7 +49,8 @@ def write_config(
             f'id = "sim-{n}"',
             'kind = "simulated"',
             f"interval_s = {interval_s}",
-            f"seed = {n}",
+            f"seed = {seed_base + n}",
+            f"humidity = {'true' if n == 3 else 'false'}",
         ]
     path = directory / "config.toml"
     path.write_text("\n".join(lines) + "\n" + extra)

@@ -218,6 +218,9 @@ class Session:
         self._batch: Batch | None = None
         self._rejected: list[tuple[Delivery, str]] = []
         self._in_flight = 0  # batches handed to the writer and not yet acknowledged
+        # Counted here and handed to the metrics once per loop turn, not once per message.
+        self._consumed_readings = 0
+        self._consumed_statuses = 0
         self.closed = False
 
     # -- the session -----------------------------------------------------------------------
@@ -269,12 +272,21 @@ class Session:
         while not self._stop.is_set():
             self._conn.process_data_events(time_limit=self._wait_time())  # type: ignore[arg-type]
             self._settle_rejected()
+            self._count_consumed()
             if self._batch is not None and (
                 self._batch.size >= self._settings.batch_size
                 or time.monotonic() - self._batch.started >= self._batch_age
             ):
                 self._flush()
             self._metrics.maybe_log()
+
+    def _count_consumed(self) -> None:
+        if self._consumed_readings:
+            self._metrics.on_consumed(self._settings.readings_queue, self._consumed_readings)
+            self._consumed_readings = 0
+        if self._consumed_statuses:
+            self._metrics.on_consumed(self._settings.status_queue, self._consumed_statuses)
+            self._consumed_statuses = 0
 
     def _wait_time(self) -> float:
         if self._batch is None:
@@ -286,6 +298,7 @@ class Session:
         self._chan.stop_consuming()  # cancels both consumers; undispatched ones go back
         self._conn.process_data_events(time_limit=0)
         self._settle_rejected()
+        self._count_consumed()
         self._flush()
         deadline = time.monotonic() + _SHUTDOWN_GRACE_S
         while self._in_flight and time.monotonic() < deadline:
@@ -313,7 +326,7 @@ class Session:
         self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
         delivery = self._delivery(self._settings.readings_queue, method, props, body)
-        self._metrics.on_consumed(delivery.queue, 1)
+        self._consumed_readings += 1
         try:
             reading = decode_reading(body, delivery.routing_key, now=datetime.now(UTC))
         except Rejected as exc:
@@ -325,7 +338,7 @@ class Session:
         self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
         delivery = self._delivery(self._settings.status_queue, method, props, body)
-        self._metrics.on_consumed(delivery.queue, 1)
+        self._consumed_statuses += 1
         try:
             status = decode_status(body, delivery.routing_key, now=datetime.now(UTC))
         except Rejected as exc:

@@ -1,0 +1,232 @@
+"""Pipeline drain: N queued readings into PostgreSQL, next to its baselines, in one run.
+
+    .venv/bin/python -m bench.drain [--readings 100000] [--course-readings 5000]
+
+Starts a private RabbitMQ and PostgreSQL (the test harness, configured by gateway/), queues
+the readings, and measures, each on the same data:
+
+  ours x1 / x2      `pipeline consume` (one, then two replicas): decode, validate, batch,
+                    insert ON CONFLICT DO NOTHING, rollup, latest, one ack per batch
+  (a) raw AMQP      pika, same prefetch, json.loads, ack multiple every 500, no database
+  (b) raw COPY      COPY of the same rows into the same table, 1000-row transactions
+  (c) course-style  prefetch 1, one INSERT and COMMIT per message, ack per message
+                    (on a smaller sample: it is slow; its rate is what matters)
+
+Figures are printed as rates and as ratios to the baselines: the machine is shared and noisy,
+the ratios are what the targets refer to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pika
+import psycopg
+
+from pipeline.decode import Reading, encode_reading
+from pipeline.migrate import migrate
+from tests.harness import PostgresServer, RabbitBroker
+
+PREFETCH = 3000
+
+
+def readings(n: int, offset: int = 0) -> list[tuple[str, bytes]]:
+    start = datetime.now(UTC) - timedelta(minutes=30)
+    out = []
+    for i in range(offset, offset + n):
+        node, sensor = f"node-{i % 50}", f"s{i % 4}"
+        r = Reading(
+            node,
+            sensor,
+            "ds18b20",
+            i,
+            start + timedelta(milliseconds=i * 10),
+            20 + (i % 97) / 10,
+            None,
+            False,
+        )
+        out.append((f"sensors.{node}.{sensor}", encode_reading(r)))
+    return out
+
+
+def publish(broker: RabbitBroker, messages: list[tuple[str, bytes]]) -> None:
+    props = pika.BasicProperties(delivery_mode=2)
+    with contextlib.closing(broker.connection(broker.admin)) as conn:
+        channel = conn.channel()
+        for key, body in messages:
+            channel.basic_publish("amq.topic", key, body, props)
+    deadline = time.monotonic() + 300
+    while broker.depth("readings") < len(messages):
+        if time.monotonic() > deadline:
+            raise TimeoutError("messages did not reach the queue")
+        time.sleep(0.5)
+
+
+def fresh_db(pg: PostgresServer) -> str:
+    name = pg.create_database("bench")
+    url = pg.url(name)
+    migrate(url)
+    return url
+
+
+def count_rows(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM readings").fetchone()
+    return int(row[0]) if row else 0
+
+
+def timed(label: str, work: Callable[[], int]) -> tuple[str, int, float]:
+    began = time.perf_counter()
+    done = work()
+    elapsed = time.perf_counter() - began
+    print(f"  {label}: {done} in {elapsed:.1f} s", flush=True)
+    return label, done, elapsed
+
+
+def ours(broker: RabbitBroker, url: str, n: int, replicas: int) -> int:
+    env = {
+        **os.environ,
+        "RABBITMQ_URL": f"amqp://127.0.0.1:{broker.amqp_port}/%2F",
+        "RABBITMQ_USER": broker.pipeline.username,
+        "RABBITMQ_PASSWORD": broker.pipeline.password,
+        "DATABASE_URL": url,
+        "PIPELINE_METRICS_PORT": "0",
+        "PIPELINE_LOG_INTERVAL_S": "3600",
+        "PIPELINE_PREFETCH": str(PREFETCH),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "consume"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(replicas)
+    ]
+    try:
+        while count_rows(url) < n:
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(60)
+    return n
+
+
+def raw_amqp(broker: RabbitBroker, n: int) -> int:
+    got = 0
+    with contextlib.closing(broker.connection()) as conn:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=PREFETCH)
+        last_tag = acked = 0
+        for method, _props, body in channel.consume("readings", inactivity_timeout=5):
+            if method is None:
+                break
+            json.loads(body)
+            got += 1
+            last_tag = method.delivery_tag
+            if got % 500 == 0:
+                channel.basic_ack(last_tag, multiple=True)
+                acked = last_tag
+            if got >= n:
+                break
+        if last_tag != acked:
+            channel.basic_ack(last_tag, multiple=True)
+        channel.cancel()
+    return got
+
+
+def raw_copy(url: str, messages: list[tuple[str, bytes]]) -> int:
+    rows = [json.loads(body) for _, body in messages]
+    with psycopg.connect(url) as conn:
+        for i in range(0, len(rows), 1000):
+            with (
+                conn.cursor() as cur,
+                cur.copy(
+                    "COPY readings (node, sensor, seq, kind, ts, temperature_c) FROM STDIN"
+                ) as copy,
+            ):
+                for r in rows[i : i + 1000]:
+                    copy.write_row(
+                        (r["node"], r["sensor"], r["seq"], r["kind"], r["ts"], r["temperature_c"])
+                    )
+            conn.commit()
+    return len(rows)
+
+
+def course_style(broker: RabbitBroker, url: str, n: int) -> int:
+    got = 0
+    with psycopg.connect(url) as db, contextlib.closing(broker.connection()) as conn:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=1)
+        for method, _props, body in channel.consume("readings", inactivity_timeout=5):
+            if method is None:
+                break
+            r = json.loads(body)
+            db.execute(
+                "INSERT INTO readings (node, sensor, seq, kind, ts, temperature_c)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (r["node"], r["sensor"], r["seq"], r["kind"], r["ts"], r["temperature_c"]),
+            )
+            db.commit()
+            channel.basic_ack(method.delivery_tag)
+            got += 1
+            if got >= n:
+                break
+        channel.cancel()
+    return got
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readings", type=int, default=100_000)
+    parser.add_argument("--course-readings", type=int, default=5_000)
+    args = parser.parse_args()
+    n = args.readings
+    results: dict[str, float] = {}
+    with RabbitBroker() as broker, PostgresServer() as pg:
+        data = readings(n)
+        for replicas in (1, 2):
+            print(f"ours x{replicas}: queueing {n}", flush=True)
+            publish(broker, data)
+            label, done, s = timed(
+                f"ours x{replicas}",
+                lambda r=replicas: ours(  # type: ignore[misc]
+                    broker, fresh_db(pg), n, r
+                ),
+            )
+            results[label] = done / s
+        print(f"(a) raw AMQP: queueing {n}", flush=True)
+        publish(broker, data)
+        label, done, s = timed("(a) raw AMQP drain", lambda: raw_amqp(broker, n))
+        results[label] = done / s
+        label, done, s = timed("(b) raw COPY", lambda: raw_copy(fresh_db(pg), data))
+        results[label] = done / s
+        sample = readings(args.course_readings, offset=n)
+        publish(broker, sample)
+        url = fresh_db(pg)
+        label, done, s = timed(
+            "(c) course-style", lambda: course_style(broker, url, args.course_readings)
+        )
+        results[label] = done / s
+    floor = min(results["(a) raw AMQP drain"], results["(b) raw COPY"])
+    course = results["(c) course-style"]
+    print(f"\nPipeline drain, {n} readings ({os.cpu_count()} cores)")
+    print(f"{'path':<22}{'readings/s':>12}{'vs min(a,b)':>13}{'vs (c)':>9}")
+    for label, rate in results.items():
+        print(f"{label:<22}{rate:>12.0f}{rate / floor:>12.0%}{rate / course:>8.1f}x")
+    print("targets: ours >= 80 % of min(a, b) and >= 25x (c)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
