@@ -62,11 +62,11 @@ def start_agent(config: Path) -> subprocess.Popen[bytes]:
             sys.executable,
             "-m",
             "edge_agent",
+            "--log-level",
+            "WARNING",
             "run",
             "--config",
             str(config),
-            "--log-level",
-            "WARNING",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -128,6 +128,8 @@ def drain(broker: RabbitBroker, creds: NodeCredentials, backlog: int) -> float:
         agent = start_agent(config)
         began = time.perf_counter()
         while outbox_depth(path) > 0:
+            if agent.poll() is not None:
+                raise RuntimeError(f"the agent exited with {agent.returncode}")
             time.sleep(0.05)
         elapsed = time.perf_counter() - began
         agent.terminate()
@@ -138,11 +140,13 @@ def drain(broker: RabbitBroker, creds: NodeCredentials, backlog: int) -> float:
 
 def bare_paho(broker: RabbitBroker, creds: NodeCredentials, n: int) -> float:
     acked = threading.Event()
+    window = threading.Semaphore(1000)  # message ids are 16-bit: bound what is outstanding
     count = 0
 
     def on_publish(*_args: object) -> None:
         nonlocal count
         count += 1
+        window.release()
         if count >= n:
             acked.set()
 
@@ -165,6 +169,7 @@ def bare_paho(broker: RabbitBroker, creds: NodeCredentials, n: int) -> float:
     )
     began = time.perf_counter()
     for _ in range(n):
+        window.acquire()
         client.publish(f"sensors/{creds.username}/sim-1", payload, qos=1)
     acked.wait(600)
     elapsed = time.perf_counter() - began
