@@ -362,3 +362,47 @@ def test_metrics_endpoint_counts(
     assert "pipeline_commit_seconds_bucket" in text
     assert "pipeline_batch_size_count" in text
     assert "pipeline_database_up 1.0" in text
+
+
+def test_a_writer_bug_ends_the_session_and_loses_nothing(
+    rabbit: RabbitBroker, database: Database
+) -> None:
+    """A batch that fails for an unexpected reason must not be acked by the next batch."""
+    from pipeline.config import ConsumerSettings  # noqa: PLC0415
+    from pipeline.consumer import consume_forever  # noqa: PLC0415
+    from pipeline.db import make_engine  # noqa: PLC0415
+    from pipeline.store import BatchResult, Store  # noqa: PLC0415
+
+    class FlakyStore(Store):
+        calls = 0
+
+        def write(self, readings, statuses=()) -> BatchResult:  # type: ignore[no-untyped-def]
+            FlakyStore.calls += 1
+            if FlakyStore.calls == 2:
+                raise ZeroDivisionError("a bug in the second batch")
+            return super().write(readings, statuses)
+
+    rabbit.publish(_readings(3000))
+    settings = ConsumerSettings(
+        rabbitmq_url=rabbit.amqp_url(),
+        database_url=database.writer_url,
+        prefetch=600,
+        batch_size=200,
+        batch_ms=50,
+        log_interval_s=1,
+    )
+    engine = make_engine(database.writer_url)
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=consume_forever, args=(settings, FlakyStore(engine), stop), daemon=True
+    )
+    runner.start()
+    try:
+        _wait_rows(database, 3000, timeout=60)
+        wait_for("queue drained", lambda: rabbit.unacked("readings") == (0, 0), 30)
+    finally:
+        stop.set()
+        runner.join(60)
+        engine.dispose()
+    assert FlakyStore.calls > 2
+    _assert_exactly(database, rabbit, 3000)

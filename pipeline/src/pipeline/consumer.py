@@ -38,11 +38,11 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from pipeline import __version__
 from pipeline.config import ConsumerSettings, redact
 from pipeline.decode import NodeStatus, Reading, decode_reading, decode_status
-from pipeline.errors import Rejected
+from pipeline.errors import PipelineError, Rejected
 from pipeline.metrics import BROKER_UP, DATABASE_UP, Metrics
 from pipeline.store import BatchResult, Store
 
-__all__ = ["Backoff", "Batch", "Session", "Writer", "consume_forever"]
+__all__ = ["Backoff", "Batch", "Session", "SessionBrokenError", "Writer", "consume_forever"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,14 @@ _AMQP_ERRORS: tuple[type[BaseException], ...] = (
 
 # How long an orderly shutdown waits for the last batches to commit.
 _SHUTDOWN_GRACE_S = 25.0
+
+
+class SessionBrokenError(PipelineError, RuntimeError):
+    """The session cannot go on safely; it ends so that its deliveries are redelivered."""
+
+
+# Everything that ends a session and sends the outer loop to reconnect.
+_SESSION_ENDED: tuple[type[BaseException], ...] = (*_AMQP_ERRORS, SessionBrokenError)
 
 
 class Backoff:
@@ -149,9 +157,11 @@ class Writer(threading.Thread):
                 if result is not None:
                     batch.session.on_committed(batch, result)
             except Exception:
-                # A bug must not kill the thread silently: the batch stays unacknowledged and
-                # is redelivered when the session ends.
-                log.exception("writer failed on a batch; it will be redelivered")
+                # A bug must not kill the thread silently, and the batch must not be
+                # acknowledged by a later batch's multiple ack: end the session, so every
+                # unacknowledged delivery is redelivered.
+                log.exception("writer failed on a batch; ending the session for redelivery")
+                batch.session.fail("the writer failed on a batch")
             finally:
                 with self._lock:
                     self.pending -= 1
@@ -222,6 +232,7 @@ class Session:
         self._consumed_readings = 0
         self._consumed_statuses = 0
         self.closed = False
+        self._broken: str | None = None  # set by the writer thread; ends the session
 
     # -- the session -----------------------------------------------------------------------
     def run(self) -> None:
@@ -268,8 +279,14 @@ class Session:
             raise RuntimeError("session has no channel")
         return self._channel
 
+    def fail(self, reason: str) -> None:
+        """End this session without acknowledging anything more (called from any thread)."""
+        self._broken = reason
+
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self._broken is not None:
+                raise SessionBrokenError(self._broken)
             self._conn.process_data_events(time_limit=self._wait_time())  # type: ignore[arg-type]
             self._settle_rejected()
             self._count_consumed()
@@ -426,7 +443,7 @@ class Session:
 
     def _acknowledge(self, batch: Batch, result: BatchResult) -> None:
         self._in_flight -= 1
-        if self._channel is None or not self._channel.is_open:
+        if self._broken is not None or self._channel is None or not self._channel.is_open:
             return
         nacked: set[int] = set()
         for index, reason in result.refused:
@@ -472,7 +489,7 @@ def consume_forever(
             try:
                 session.run()
                 attempt = 0
-            except _AMQP_ERRORS as exc:
+            except _SESSION_ENDED as exc:
                 attempt += 1
                 if time.monotonic() - started > 60:
                     backoff.reset()
