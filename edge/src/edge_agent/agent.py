@@ -239,6 +239,7 @@ class Agent:
         self._client: mqtt.Client | None = None
         self.connected = False
         self._inflight: dict[int, int] = {}  # mid -> seq
+        self._inflight_seqs: set[int] = set()
         self._acked: list[int] = []
         self._cursor = 0
         self._tokens = 0.0
@@ -302,6 +303,7 @@ class Agent:
         self._connected_since = time.monotonic()
         self._cursor = 0  # resend everything not yet acknowledged
         self._inflight.clear()
+        self._inflight_seqs.clear()
         log.info(
             "connected host=%s port=%d outbox_depth=%d",
             self.config.mqtt.host,
@@ -319,6 +321,7 @@ class Agent:
         was = self.connected
         self.connected = False
         self._inflight.clear()
+        self._inflight_seqs.clear()
         if time.monotonic() - self._connected_since > 60:
             self._backoff.reset()
         delay = self._backoff.next()
@@ -329,6 +332,7 @@ class Agent:
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _reason: ReasonCode, _p: Any) -> None:
         seq = self._inflight.pop(mid, None)
         if seq is not None:
+            self._inflight_seqs.discard(seq)
             self._acked.append(seq)
 
     def _try_connect(self) -> None:
@@ -417,6 +421,9 @@ class Agent:
         if want <= 0:
             return
         for row in self.outbox.pending(self._cursor, want):
+            if row.seq in self._inflight_seqs:  # a re-scan after held readings were released
+                self._cursor = row.seq
+                continue
             payload = reading_payload(
                 node=self.node,
                 sensor=row.sensor,
@@ -431,6 +438,7 @@ class Agent:
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 break
             self._inflight[info.mid] = row.seq
+            self._inflight_seqs.add(row.seq)
             self._cursor = row.seq
             self._tokens -= 1
             self.published += 1
@@ -464,6 +472,9 @@ class Agent:
             boottime=self.clock.boottime(),
             hold_max_s=self.config.clock.hold_max_s,
         )
+        if corrected or flagged:
+            # Released readings are older than what was already sent: scan from the start.
+            self._cursor = 0
         if corrected:
             log.info("clock synchronised: corrected the times of held readings count=%d", corrected)
         if flagged:
