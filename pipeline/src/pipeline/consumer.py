@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pika
 import pika.exceptions
@@ -83,8 +83,9 @@ class Backoff:
         self._next = self.initial
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
+    """What the consumer keeps of a delivery (a tuple: it is made once per message)."""
+
     tag: int
     queue: str
     routing_key: str
@@ -106,11 +107,6 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.tags)
-
-    def add_reading(self, reading: Reading, delivery: Delivery) -> None:
-        self.readings.append(reading)
-        self.reading_deliveries.append(delivery)
-        self.tags.append(delivery.tag)
 
     def add_status(self, status: NodeStatus, tag: int) -> None:
         self.statuses.append(status)
@@ -233,6 +229,7 @@ class Session:
         self._consumed_statuses = 0
         self.closed = False
         self._broken: str | None = None  # set by the writer thread; ends the session
+        self._now = datetime.now(UTC)
 
     # -- the session -----------------------------------------------------------------------
     def run(self) -> None:
@@ -287,6 +284,9 @@ class Session:
         while not self._stop.is_set():
             if self._broken is not None:
                 raise SessionBrokenError(self._broken)
+            # One clock reading per turn for the decoder's "not in the future" check: a
+            # turn lasts at most a batch age, far below the 300 s tolerance.
+            self._now = datetime.now(UTC)
             self._conn.process_data_events(time_limit=self._wait_time())  # type: ignore[arg-type]
             self._settle_rejected()
             self._count_consumed()
@@ -345,11 +345,16 @@ class Session:
         delivery = self._delivery(self._settings.readings_queue, method, props, body)
         self._consumed_readings += 1
         try:
-            reading = decode_reading(body, delivery.routing_key, now=datetime.now(UTC))
+            reading = decode_reading(body, delivery.routing_key, now=self._now)
         except Rejected as exc:
             self._rejected.append((delivery, exc.reason))
             return
-        self._current_batch().add_reading(reading, delivery)
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = Batch(session=self)
+        batch.readings.append(reading)
+        batch.reading_deliveries.append(delivery)
+        batch.tags.append(delivery.tag)
 
     def _on_status(
         self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
@@ -357,7 +362,7 @@ class Session:
         delivery = self._delivery(self._settings.status_queue, method, props, body)
         self._consumed_statuses += 1
         try:
-            status = decode_status(body, delivery.routing_key, now=datetime.now(UTC))
+            status = decode_status(body, delivery.routing_key, now=self._now)
         except Rejected as exc:
             self._rejected.append((delivery, exc.reason))
             return

@@ -23,13 +23,16 @@ __all__ = ["BatchResult", "Store"]
 
 log = logging.getLogger(__name__)
 
-_WRITE_READINGS = text(
-    """
+# Run with the driver's own placeholders: %(name)b sends each array in PostgreSQL's binary
+# format, which spares psycopg the per-element quoting of the text format (about a third of
+# the batch's Python time).
+_WRITE_READINGS = """
 WITH batch AS (
     SELECT * FROM unnest(
-        CAST(:node AS text[]), CAST(:sensor AS text[]), CAST(:seq AS bigint[]),
-        CAST(:kind AS text[]), CAST(:ts AS timestamptz[]), CAST(:temperature_c AS float8[]),
-        CAST(:humidity_pct AS float8[]), CAST(:time_uncertain AS boolean[])
+        CAST(%(node)b AS text[]), CAST(%(sensor)b AS text[]), CAST(%(seq)b AS bigint[]),
+        CAST(%(kind)b AS text[]), CAST(%(ts)b AS timestamptz[]),
+        CAST(%(temperature_c)b AS float8[]), CAST(%(humidity_pct)b AS float8[]),
+        CAST(%(time_uncertain)b AS boolean[])
     ) AS b(node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain)
 ),
 ins AS (
@@ -82,7 +85,6 @@ latest AS (
 )
 SELECT count(*) FROM ins
 """
-)
 
 _WRITE_STATUSES = text(
     """
@@ -175,7 +177,7 @@ class Store:
             "humidity_pct": [r.humidity_pct for r in rows],
             "time_uncertain": [r.time_uncertain for r in rows],
         }
-        return int(conn.execute(_WRITE_READINGS, params).scalar_one())
+        return int(conn.exec_driver_sql(_WRITE_READINGS, params).scalar_one())
 
     def _insert_one_by_one(
         self, conn: Connection, readings: Sequence[Reading], order: Sequence[int]
