@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
+from tests.harness.procs import ManagedProcess
 from tests.harness.rabbit import NodeCredentials, RabbitBroker
 
 
@@ -57,32 +55,13 @@ def write_config(
     return path
 
 
-class AgentProcess:
+class AgentProcess(ManagedProcess):
+    """`edge-agent run --config CONFIG`, its log next to the configuration."""
+
     def __init__(self, config: Path) -> None:
         self.config = config
-        self.log_path = config.with_suffix(".log")
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        super().__init__(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+            config.with_suffix(".log"),
+            dict(os.environ),
+        )

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from tests.harness.procs import ManagedProcess
 from tests.harness.rabbit import RabbitBroker
 
 
-class ConsumerProcess:
+class ConsumerProcess(ManagedProcess):
     """One `python -m pipeline consume` with its log in a temp file."""
 
     def __init__(
@@ -30,7 +28,6 @@ class ConsumerProcess:
     ) -> None:
         fd, name = tempfile.mkstemp(prefix="pipeline-consume-", suffix=".log")
         os.close(fd)
-        self.log_path = Path(name)
         env = dict(os.environ)
         env.update(
             RABBITMQ_URL=f"amqp://127.0.0.1:{broker.amqp_port}/%2F",
@@ -42,36 +39,9 @@ class ConsumerProcess:
             PIPELINE_BATCH_MS=str(batch_ms),
             PIPELINE_METRICS_PORT=str(metrics_port),
             PIPELINE_LOG_INTERVAL_S="1",
-            PYTHONUNBUFFERED="1",
         )
         env.update(extra_env or {})
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "consume"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """kill -9: no batch finished, no ack sent, no connection closed."""
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM, as docker stop sends; return the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        super().__init__([sys.executable, "-m", "pipeline", "consume"], Path(name), env)
 
     def close(self) -> None:
         if self.proc.poll() is None:

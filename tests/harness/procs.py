@@ -74,3 +74,37 @@ def find_executable(name: str, *dirs: str) -> str:
     if found is None:
         raise RuntimeError(f"{name} not found in {', '.join(dirs) or 'PATH'}: run tests/run.sh")
     return found
+
+
+class ManagedProcess:
+    """A program under test, its output in a log file, that a test can SIGTERM or kill -9."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                env={**env, "PYTHONUNBUFFERED": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """kill -9: nothing flushed, acknowledged or closed."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM, as docker stop and systemd send; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
