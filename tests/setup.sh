@@ -10,11 +10,12 @@ PYTHON=${PYTHON:-python3}
 
 say() { printf '==> %s\n' "$*"; }
 
-APT_PACKAGES=(rabbitmq-server postgresql python3-venv debootstrap systemd)
+APT_PACKAGES=(rabbitmq-server postgresql python3-venv openssl debootstrap systemd)
 missing=()
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+command -v openssl >/dev/null || missing+=(openssl)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

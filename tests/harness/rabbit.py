@@ -52,6 +52,7 @@ class RabbitBroker:
         self.mqtt_port = free_port()
         self.management_port = free_port()
         self.prometheus_port = free_port()
+        self.mqtt_tls_port = free_port()
         self.dist_port = free_port()
         self.epmd_port = free_port()
         self.nodename = f"tempmon-test-{os.getpid()}-{self.amqp_port}@localhost"
@@ -60,6 +61,7 @@ class RabbitBroker:
         self._server: subprocess.Popen[bytes] | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
         self._log = self.dir / "server.out"
+        self.tls_dir = self.dir / "tls"
         self.boot_seconds: list[float] = []
         self._write_config()
 
@@ -79,6 +81,26 @@ class RabbitBroker:
                     f"prometheus.tcp.port = {self.prometheus_port}",
                     "prometheus.tcp.ip = 127.0.0.1",
                     f"definitions.local.path = {GATEWAY / 'definitions.json'}",
+                    "",
+                ]
+            )
+        )
+        # MQTT over TLS, from gateway/rabbitmq/tls.conf with certificates made by
+        # gateway/tls/make-certs.sh, as an operator would.
+        subprocess.run(
+            ["sh", str(REPO / "gateway" / "tls" / "make-certs.sh"), str(self.tls_dir), "localhost"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        (conf_d / "20-tls.conf").symlink_to(GATEWAY / "tls.conf")
+        (conf_d / "91-test-tls.conf").write_text(
+            "\n".join(
+                [
+                    f"mqtt.listeners.ssl.default = 127.0.0.1:{self.mqtt_tls_port}",
+                    f"ssl_options.cacertfile = {self.tls_dir / 'ca.pem'}",
+                    f"ssl_options.certfile = {self.tls_dir / 'server.pem'}",
+                    f"ssl_options.keyfile = {self.tls_dir / 'server.key'}",
                     "",
                 ]
             )
@@ -140,7 +162,11 @@ class RabbitBroker:
                 "RabbitMQ listening on AMQP and MQTT",
                 lambda: (
                     self._fail_if_exited()
-                    or (port_open(self.amqp_port) and port_open(self.mqtt_port))
+                    or (
+                        port_open(self.amqp_port)
+                        and port_open(self.mqtt_port)
+                        and port_open(self.mqtt_tls_port)
+                    )
                 ),
                 timeout,
                 interval=0.25,

@@ -243,3 +243,37 @@ def test_node_user_cannot_use_amqp_to_read(rabbit: RabbitBroker) -> None:
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
             channel.basic_get("readings")
         assert refused.value.reply_code == 403
+
+
+def test_node_user_declares_nothing(rabbit: RabbitBroker) -> None:
+    creds = rabbit.add_node("pi-declarer")
+    with contextlib.closing(rabbit.connection(creds)) as conn:
+        channel = conn.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            channel.queue_declare("mine", durable=True)
+        assert refused.value.reply_code == 403
+
+
+def test_management_api_has_no_default_account(rabbit: RabbitBroker) -> None:
+    import base64  # noqa: PLC0415
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    def status(user: str, password: str) -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{rabbit.management_port}/api/whoami",
+            headers={
+                "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    assert status("guest", "guest") == 401
+    assert status(rabbit.pipeline.username, "wrong") == 401
+    node = rabbit.add_node("pi-ui")
+    assert status(node.username, node.password) == 401  # no management tag
+    assert status(rabbit.admin.username, rabbit.admin.password) == 200
