@@ -1,0 +1,176 @@
+"""End to end: MQTT publish -> broker -> `pipeline consume` -> committed row, in one run.
+
+    .venv/bin/python -m bench.e2e [--seconds 15]
+
+Publishers are paho-mqtt 2.x clients with their own node users (QoS 1, 100 in flight each).
+Each reading carries its publish time in ``ts``; the row's ``received_at`` is the time of the
+pipeline's transaction, so ``received_at - ts`` is the latency from publish to commit (to
+within the few milliseconds the commit itself takes). Offered rates: 100/s and 1,000/s, then
+four publishers as fast as the broker acknowledges ("max"). Baseline, same run: the broker's
+own QoS 1 ingest rate into the readings queue with nothing consuming.
+
+Targets: p99 under 300 ms at 1,000 readings/s; sustained rate within 10 % of the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.wire import reading_payload
+from pipeline.migrate import migrate
+from tests.harness import NodeCredentials, PostgresServer, RabbitBroker
+
+PUBLISHERS = 4
+
+
+class Publisher(threading.Thread):
+    """One node publishing ``total`` readings at ``rate`` per second (0: as fast as acked)."""
+
+    def __init__(
+        self, broker: RabbitBroker, creds: NodeCredentials, rate: float, total: int, first_seq: int
+    ) -> None:
+        super().__init__(daemon=True)
+        self.creds, self.rate, self.total, self.first_seq = creds, rate, total, first_seq
+        self.window = threading.Semaphore(100)
+        self.done = threading.Event()
+        self.acked = 0
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=creds.username, protocol=mqtt.MQTTv311
+        )
+        self.client.username_pw_set(creds.username, creds.password)
+        self.client.max_inflight_messages_set(100)
+        self.client.on_publish = self._on_publish
+        self.client.connect("127.0.0.1", broker.mqtt_port)
+        self.client.loop_start()
+
+    def _on_publish(self, *_args: object) -> None:
+        self.acked += 1
+        self.window.release()
+        if self.acked >= self.total:
+            self.done.set()
+
+    def run(self) -> None:
+        node = self.creds.username
+        began = time.perf_counter()
+        for i in range(self.total):
+            if self.rate:
+                delay = began + i / self.rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            self.window.acquire()
+            body = reading_payload(
+                node=node,
+                sensor="s1",
+                kind="simulated",
+                seq=self.first_seq + i,
+                ts=time.time(),
+                temperature_c=21.0,
+            )
+            self.client.publish(f"sensors/{node}/s1", body, qos=1)
+        self.done.wait(300)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publish(
+    broker: RabbitBroker, nodes: list[NodeCredentials], rate: float, seconds: float, first_seq: int
+) -> tuple[int, float]:
+    """(messages, seconds until every PUBACK) for ``rate`` per second in total (0 = max)."""
+    per_node = rate / len(nodes) if rate else 0
+    total = int(per_node * seconds) if rate else int(6000 * seconds / len(nodes))
+    publishers = [Publisher(broker, c, per_node, total, first_seq) for c in nodes]
+    began = time.perf_counter()
+    for p in publishers:
+        p.start()
+    for p in publishers:
+        p.join(600)
+    return total * len(nodes), time.perf_counter() - began
+
+
+def wait_rows(url: str, expected: int) -> float:
+    began = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            row = conn.execute("SELECT count(*) FROM readings").fetchone()
+            if row and row[0] >= expected:
+                return time.perf_counter() - began
+            time.sleep(0.05)
+
+
+def latency(url: str, first_seq: int) -> tuple[float, float]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d),"
+            "       percentile_cont(0.99) WITHIN GROUP (ORDER BY d)"
+            "  FROM (SELECT extract(epoch FROM received_at - ts) * 1000 AS d"
+            "          FROM readings WHERE seq >= %s) x",
+            (first_seq,),
+        ).fetchone()
+    assert row is not None
+    return float(row[0]), float(row[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15)
+    args = parser.parse_args()
+    rows: list[tuple[str, float, float, float]] = []
+    with RabbitBroker() as broker, PostgresServer() as pg:
+        nodes = [broker.add_node(f"bench-{n}") for n in range(PUBLISHERS)]
+        # Baseline: the broker's own QoS 1 ingest, nothing consuming.
+        sent, took = publish(broker, nodes, 0, args.seconds, 10_000_000)
+        baseline = sent / took
+        print(f"broker ingest, nothing consuming: {baseline:.0f}/s", flush=True)
+        broker.purge("readings", "node-status")
+        name = pg.create_database("e2e")
+        url = pg.url(name)
+        migrate(url)
+        consumer = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "consume"],
+            env={
+                **os.environ,
+                "RABBITMQ_URL": broker.amqp_url(),
+                "DATABASE_URL": url,
+                "PIPELINE_METRICS_PORT": "0",
+                "PIPELINE_LOG_INTERVAL_S": "3600",
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            stored = 0
+            for label, rate in (("100/s", 100.0), ("1,000/s", 1000.0), ("max", 0.0)):
+                first = 1_000_000 * (len(rows) + 1)
+                sent, took = publish(broker, nodes, rate, args.seconds, first)
+                stored += sent
+                tail = wait_rows(url, stored)
+                p50, p99 = latency(url, first)
+                achieved = sent / (took + tail)
+                rows.append((label, achieved, p50, p99))
+                print(f"{label}: {achieved:.0f}/s p50={p50:.0f} ms p99={p99:.0f} ms", flush=True)
+        finally:
+            consumer.terminate()
+            consumer.wait(60)
+    print(
+        f"\nEnd to end, MQTT QoS 1 -> committed row, {PUBLISHERS} publishers "
+        f"({os.cpu_count()} cores)"
+    )
+    print(f"{'offered':<10}{'stored/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs ingest':>11}")
+    for label, achieved, p50, p99 in rows:
+        print(f"{label:<10}{achieved:>10.0f}{p50:>9.0f}{p99:>9.0f}{achieved / baseline:>10.0%}")
+    print(f"{'baseline':<10}{baseline:>10.0f}{'':>18}{1:>10.0%}  (broker ingest, no consumer)")
+    print("targets: p99 < 300 ms at 1,000/s; max within 10 % of the broker's ingest")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
