@@ -1,0 +1,667 @@
+"""ansible/: lint, syntax, the config.txt edit, broker users, and edge.yml for real in a chroot.
+
+- ansible-lint (production profile) and --syntax-check of both playbooks;
+- the edge role's config.txt edit on a table of files (no root needed);
+- the gateway role's broker-user tasks against the tests' RabbitMQ: the same rights as users.sh;
+- as root: a minimal Debian root of the host's suite, debootstrapped once and cached as a tarball
+  in $TEMPMON_DEBOOTSTRAP_CACHE (default /var/cache/tempmon-tests/), extracted fresh for each
+  example Pi; ansible/edge.yml runs against both through the chroot connection, twice (the second
+  run and a --check run change nothing); then what a Pi would boot with is checked: the overlay
+  line, the agent in its venv, the configuration as the service user reads it, the unit as
+  systemd-analyze sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import RabbitBroker
+from tests.harness.procs import REPO
+
+ANSIBLE_DIR = REPO / "ansible"
+EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory" / "example"
+BIN = Path(sys.executable).parent
+CACHE_DIR = Path(os.environ.get("TEMPMON_DEBOOTSTRAP_CACHE", "/var/cache/tempmon-tests"))
+# python3-venv is left out on purpose: the role must install it (as on a fresh Pi OS Lite).
+DEBOOTSTRAP_INCLUDE = "python3,systemd,ca-certificates"
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.is_file():
+        raise RuntimeError(f"{name} is not installed in {BIN}: run tests/run.sh")
+    return str(path)
+
+
+def _ansible_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_LOCALHOST_WARNING="false",
+        PY_COLORS="0",
+    )
+    env.update(extra)
+    return env
+
+
+def _run(
+    cmd: list[str],
+    *,
+    cwd: Path = ANSIBLE_DIR,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env or _ansible_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _recap(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP lines as {host: {"ok": n, "changed": n, ...}}."""
+    recap: dict[str, dict[str, int]] = {}
+    for line in output.split("PLAY RECAP", 1)[-1].splitlines():
+        match = re.match(r"^(\S+)\s*:\s*(.*)$", line.strip())
+        if match and "=" in match.group(2):
+            counts = dict(re.findall(r"(\w+)=(\d+)", match.group(2)))
+            recap[match.group(1)] = {key: int(value) for key, value in counts.items()}
+    return recap
+
+
+def _playbook(args: list[str], env: dict[str, str] | None = None) -> str:
+    result = _run([_tool("ansible-playbook"), *args], env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"ansible-playbook {' '.join(args)} failed:\n{output}"
+    return output
+
+
+# --- static checks --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ansible_lint_production_profile() -> None:
+    result = _run([_tool("ansible-lint"), "--profile", "production"])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"ansible-lint found problems:\n{output}"
+
+
+@pytest.mark.parametrize("playbook", ["edge.yml", "gateway.yml"])
+def test_playbook_syntax(playbook: str) -> None:
+    result = _run(
+        [_tool("ansible-playbook"), "-i", str(EXAMPLE_INVENTORY), "--syntax-check", playbook]
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_example_vault_holds_only_placeholders() -> None:
+    """The example secrets file is not loaded by Ansible and holds nothing that looks real."""
+    example = EXAMPLE_INVENTORY / "group_vars" / "all" / "vault.yml.example"
+    values = re.findall(r"^\s*[\w-]+:\s*(\S+)\s*$", example.read_text(encoding="utf-8"), re.M)
+    assert values
+    assert all(value.startswith("example-not-a-secret") for value in values), values
+    assert "ansible-vault encrypt" in example.read_text(encoding="utf-8")
+
+
+# --- the config.txt edit, on plain files (no root needed) --------------------------------------
+
+# (name, current config.txt, 1-Wire GPIO, expected config.txt)
+BOOT_CONFIGS = [
+    ("empty", "", 4, "dtoverlay=w1-gpio,gpiopin=4\n"),
+    ("no-sections", "dtparam=audio=on", 4, "dtparam=audio=on\ndtoverlay=w1-gpio,gpiopin=4\n"),
+    (
+        "last-is-filter",
+        "a=1\n[all]\nb=2\n[pi4]\narm_boost=1\n",
+        4,
+        "a=1\n[all]\nb=2\n[pi4]\narm_boost=1\n[all]\ndtoverlay=w1-gpio,gpiopin=4\n",
+    ),
+    (
+        "last-is-all",
+        "[cm5]\ndtoverlay=dwc2\n[all]\ndtparam=i2c_arm=on\n",
+        22,
+        "[cm5]\ndtoverlay=dwc2\n[all]\ndtparam=i2c_arm=on\ndtoverlay=w1-gpio,gpiopin=22\n",
+    ),
+    ("raspi-config-line", "[all]\ndtoverlay=w1-gpio\n", 4, "[all]\ndtoverlay=w1-gpio\n"),
+    (
+        "only-under-a-filter",
+        "[pi4]\ndtoverlay=w1-gpio,gpiopin=4\n",
+        4,
+        "[pi4]\ndtoverlay=w1-gpio,gpiopin=4\n[all]\ndtoverlay=w1-gpio,gpiopin=4\n",
+    ),
+    (
+        "second-bus",
+        "[all]\ndtoverlay=w1-gpio,gpiopin=4\n",
+        22,
+        "[all]\ndtoverlay=w1-gpio,gpiopin=4\ndtoverlay=w1-gpio,gpiopin=22\n",
+    ),
+]
+
+
+@pytest.mark.slow
+def test_onewire_overlay_goes_under_a_final_all_section(tmp_path: Path) -> None:
+    hosts: dict[str, dict[str, object]] = {}
+    for name, current, pin, _expected in BOOT_CONFIGS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.txt").write_text(current, encoding="utf-8")
+        hosts[name] = {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": sys.executable,
+            # /boot/firmware first: it does not exist for these hosts, so the fallback is used.
+            "edge_agent_boot_config_candidates": [
+                str(tmp_path / name / "firmware" / "config.txt"),
+                str(tmp_path / name / "config.txt"),
+            ],
+            "edge_agent_w1_gpio_pin": pin,
+            # A local connection: the reboot module refuses it anyway, but never try.
+            "edge_agent_reboot": False,
+        }
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"all": {"hosts": hosts}}), encoding="utf-8")
+    playbook = tmp_path / "onewire.yml"
+    playbook.write_text(
+        "- name: Only the 1-Wire part of the edge role\n"
+        "  hosts: all\n"
+        "  gather_facts: false\n"
+        "  tasks:\n"
+        "    - name: Add the overlay\n"
+        "      ansible.builtin.include_role:\n"
+        "        name: edge_agent\n"
+        "        tasks_from: onewire.yml\n",
+        encoding="utf-8",
+    )
+    env = _ansible_env(ANSIBLE_ROLES_PATH=str(ANSIBLE_DIR / "roles"))
+    _playbook(["-i", str(inventory), str(playbook)], env)
+    for name, _current, _pin, expected in BOOT_CONFIGS:
+        assert (tmp_path / name / "config.txt").read_text(encoding="utf-8") == expected, name
+    second = _recap(_playbook(["-i", str(inventory), str(playbook)], env))
+    assert set(second) == set(hosts)
+    assert all(counts["changed"] == 0 for counts in second.values()), second
+
+
+# --- the gateway's broker users, against the tests' real RabbitMQ ---------------------------------
+
+
+def _permissions(rabbit: RabbitBroker, user: str) -> tuple[str, str]:
+    """(vhost permissions, topic permissions) of a user, without its name."""
+    return (
+        rabbit.ctl("list_user_permissions", user, "--no-table-headers"),
+        rabbit.ctl("list_user_topic_permissions", user, "--no-table-headers"),
+    )
+
+
+@pytest.mark.system
+@pytest.mark.slow
+def test_gateway_role_gives_a_node_exactly_the_rights_of_users_sh(
+    rabbit: RabbitBroker, tmp_path: Path
+) -> None:
+    """The role's rabbitmq_user task, through the management API, equals `users.sh node`."""
+    reference = rabbit.add_node("node-by-users-sh")
+    password = secrets.token_urlsafe(12)
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(
+        json.dumps(
+            {
+                "all": {
+                    "hosts": {
+                        "localhost": {
+                            "ansible_connection": "local",
+                            "ansible_python_interpreter": sys.executable,
+                        }
+                    },
+                    # Never contacted: the gateway role only reads the edge group's node ids.
+                    "children": {
+                        "edge": {"hosts": {"pi-test": {"edge_agent_node_id": "node-by-ansible"}}}
+                    },
+                }
+            }
+        )
+    )
+    extra_vars = tmp_path / "vars.json"
+    extra_vars.write_text(
+        json.dumps(
+            {
+                "gateway_management_port": rabbit.management_port,
+                "gateway_rabbitmq_admin_user": rabbit.admin.username,
+                "gateway_rabbitmq_admin_password": rabbit.admin.password,
+                "tempmon_mqtt_passwords": {"node-by-ansible": password},
+            }
+        )
+    )
+    playbook = tmp_path / "broker-users.yml"
+    playbook.write_text(
+        "- name: The gateway role's broker users\n"
+        "  hosts: localhost\n"
+        "  gather_facts: false\n"
+        "  tasks:\n"
+        "    - name: Create them\n"
+        "      ansible.builtin.include_role:\n"
+        "        name: gateway\n"
+        "        tasks_from: broker_users.yml\n",
+        encoding="utf-8",
+    )
+    env = _ansible_env(ANSIBLE_ROLES_PATH=str(ANSIBLE_DIR / "roles"))
+    args = ["-i", str(inventory), "-e", f"@{extra_vars}", str(playbook)]
+    try:
+        first = _recap(_playbook(args, env))
+        assert first["localhost"]["changed"] == 1, first
+        second = _recap(_playbook(args, env))
+        assert second["localhost"]["changed"] == 0, second
+        assert _permissions(rabbit, "node-by-ansible") == _permissions(rabbit, reference.username)
+        rabbit.ctl("authenticate_user", "node-by-ansible", password)
+    finally:
+        for user in ("node-by-ansible", reference.username):
+            with contextlib.suppress(RuntimeError):
+                rabbit.users("delete-node", user)
+
+
+# --- the edge playbook in a real Debian root ----------------------------------------------------
+
+
+def _host_debian() -> tuple[str, str]:
+    """(suite, architecture) of this Debian host."""
+    release = Path("/etc/os-release").read_text(encoding="utf-8")
+    fields = dict(re.findall(r'^(\w+)="?([^"\n]*)"?$', release, re.M))
+    if os.environ.get("TEMPMON_DEBOOTSTRAP_SUITE"):  # e.g. try the other Debian release
+        fields = {"ID": "debian", "VERSION_CODENAME": os.environ["TEMPMON_DEBOOTSTRAP_SUITE"]}
+    if fields.get("ID") != "debian" or not fields.get("VERSION_CODENAME"):
+        pytest.skip(
+            f"the chroot test bootstraps the host's Debian suite; this is {fields.get('ID')}"
+        )
+    arch = subprocess.run(
+        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return fields["VERSION_CODENAME"], arch
+
+
+def _debian_mirror() -> str:
+    """The mirror this host's apt uses (it is reachable), unless TEMPMON_DEBIAN_MIRROR says."""
+    if os.environ.get("TEMPMON_DEBIAN_MIRROR"):
+        return os.environ["TEMPMON_DEBIAN_MIRROR"]
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for source in sources:
+        if source.suffix not in {".list", ".sources"} or not source.is_file():
+            continue
+        text = source.read_text(encoding="utf-8", errors="replace")
+        match = re.search(r"^URIs:\s*(\S+/debian)/?\s*$", text, re.M) or re.search(
+            r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+/debian)/?\s", text, re.M
+        )
+        if match:
+            return match.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def _cached_root_tarball(suite: str, arch: str) -> Path:
+    """A freshly debootstrapped root as a tarball, made once and kept in the cache directory."""
+    key = hashlib.sha256(f"{suite} {arch} minbase {DEBOOTSTRAP_INCLUDE}".encode()).hexdigest()
+    tarball = CACHE_DIR / f"debian-{suite}-{arch}-minbase-{key[:12]}.tar.gz"
+    if tarball.is_file():
+        return tarball
+    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    if not Path(debootstrap).is_file():
+        raise RuntimeError("debootstrap is not installed: apt-get install debootstrap")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=CACHE_DIR))
+    try:
+        root = work / "root"
+        result = subprocess.run(
+            [
+                debootstrap,
+                "--variant=minbase",
+                f"--include={DEBOOTSTRAP_INCLUDE}",
+                f"--arch={arch}",
+                suite,
+                str(root),
+                _debian_mirror(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1500,
+            check=False,
+        )
+        if result.returncode != 0:
+            log = root / "debootstrap" / "debootstrap.log"
+            detail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+            raise RuntimeError(f"debootstrap failed:\n{result.stdout[-3000:]}{detail}")
+        partial = work / "root.tar.gz"
+        subprocess.run(
+            ["tar", "--numeric-owner", "-C", str(root), "-czf", str(partial), "."], check=True
+        )
+        partial.replace(tarball)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return tarball
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve())
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines():
+        mount_point = line.split()[4].replace("\\040", " ")
+        if mount_point == prefix or mount_point.startswith(prefix + "/"):
+            found.append(mount_point)
+    return found
+
+
+@contextlib.contextmanager
+def _debian_root(tarball: Path, root: Path) -> Iterator[Path]:
+    """A fresh copy of the cached root with /proc and /sys mounted; unmounted and removed after.
+
+    /dev is not mounted: debootstrap made the device nodes apt and pip need (null, urandom...).
+    """
+    root.mkdir()
+    subprocess.run(["tar", "--numeric-owner", "-C", str(root), "-xzf", str(tarball)], check=True)
+    # The host's resolver and trust store: pip inside the root reaches PyPI the way this host
+    # does (through the same proxy CA, if there is one).
+    (root / "etc/resolv.conf").unlink(missing_ok=True)
+    shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")
+    shutil.copyfile(
+        "/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt"
+    )
+    # As in any chroot: packages must not start services.
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n", encoding="utf-8")
+    policy.chmod(0o755)
+    mounted: list[Path] = []
+    try:
+        for fstype, target in (("proc", "proc"), ("sysfs", "sys")):
+            subprocess.run(
+                ["mount", "-t", fstype, "-o", "ro,nosuid,nodev,noexec", fstype, str(root / target)],
+                check=True,
+            )
+            mounted.append(root / target)
+        yield root
+    finally:
+        for mount_point in reversed(mounted):
+            if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
+                subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        left = _mounts_under(root)
+        if left:
+            # Never delete through a mount point.
+            raise RuntimeError(f"could not unmount {left}; {root} is left in place")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _in_root(
+    root: Path,
+    *cmd: str,
+    userspec: str | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    prefix = ["chroot", *([f"--userspec={userspec}"] if userspec else []), str(root)]
+    result = subprocess.run(
+        [*prefix, *cmd],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+    )
+    if check:
+        assert result.returncode == 0, f"{' '.join(cmd)} in {root}:\n{result.stdout}{result.stderr}"
+    return result
+
+
+def _account(root: Path, db: str, name: str) -> list[str]:
+    for line in (root / "etc" / db).read_text(encoding="utf-8").splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return fields
+    raise AssertionError(f"{name} is not in {db} of {root}")
+
+
+def _mdwe_supported() -> bool:
+    """Whether this kernel has PR_SET_MDWE, the kernel's own MemoryDenyWriteExecute (6.3+)."""
+    code = (
+        "import ctypes, sys; "
+        f"sys.exit(ctypes.CDLL(None).prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0))"
+    )
+    return subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+CONFIG_PROBE = """
+import json, sys
+from pathlib import Path
+from edge_agent.config import load_config
+c = load_config(Path("/etc/edge-agent/config.toml"), env={})
+print(json.dumps({
+    "node": c.node_id, "host": c.mqtt.host, "port": c.mqtt.port, "user": c.mqtt.username,
+    "password": c.mqtt.password, "ca": str(c.mqtt.ca_file) if c.mqtt.ca_file else None,
+    "outbox": str(c.outbox.path), "require_sync": c.clock.require_sync, "led": c.led_pin,
+    "sensors": [[s.id, s.kind, s.device, s.pin, s.interval_s, s.offset_c, s.median_window]
+                for s in c.sensors],
+}))
+"""
+
+# Imports and a ctypes callback under the kernel's W^X lock, as MemoryDenyWriteExecute=yes
+# would run them.
+MDWE_PROBE = f"""
+import ctypes, os, sys
+if ctypes.CDLL(None).prctl({PR_SET_MDWE}, {PR_MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) != 0:
+    sys.exit("prctl(PR_SET_MDWE) failed")
+os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
+"""
+MDWE_IMPORTS = (
+    "import ctypes, sqlite3, ssl, paho.mqtt.client, edge_agent.agent, edge_agent.cli\n"
+    "assert ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x + 1)(1) == 2\n"
+    "import importlib.util as u\n"
+    "if u.find_spec('gpiozero'):\n"
+    "    import gpiozero, adafruit_dht\n"
+)
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("debootstrap, chroot and mount need root (CI runs as root)")
+    suite, arch = _host_debian()
+    tarball = _cached_root_tarball(suite, arch)
+    version = tomllib.loads((REPO / "edge/pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "version"
+    ]
+    pins = dict(
+        re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "constraints.txt").read_text(), re.M)
+    )
+    passwords = {"pi-kitchen": "kitchen-" + os.urandom(8).hex(), "pi-garage": os.urandom(12).hex()}
+    ca_file = tmp_path / "mqtt-ca.pem"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\nplaceholder\n-----END CERTIFICATE-----\n")
+
+    with contextlib.ExitStack() as stack:
+        kitchen = stack.enter_context(_debian_root(tarball, tmp_path / "pi-kitchen"))
+        garage = stack.enter_context(_debian_root(tarball, tmp_path / "pi-garage"))
+        # A Pi image has config.txt: Bookworm's place with a model filter last for pi-kitchen,
+        # the older /boot/config.txt (the fallback) with a final [all] for pi-garage.
+        (kitchen / "boot/firmware").mkdir(parents=True)
+        (kitchen / "boot/firmware/config.txt").write_text(
+            "# Raspberry Pi configuration\ndtparam=audio=on\n\n[cm4]\notg_mode=1\n\n[pi4]\n"
+            "arm_boost=1\n"
+        )
+        (garage / "boot/config.txt").write_text("dtparam=audio=on\n[all]\ndtoverlay=vc4-kms-v3d")
+
+        # The example inventory's Pis, reached through the chroot connection instead of SSH.
+        inventory = tmp_path / "chroot-inventory.json"
+        chroot_vars = {
+            "ansible_connection": "community.general.chroot",
+            "ansible_become": False,
+            "ansible_python_interpreter": "/usr/bin/python3",
+        }
+        inventory.write_text(
+            json.dumps(
+                {
+                    "edge": {
+                        "hosts": {
+                            "pi-kitchen": {
+                                "ansible_host": str(kitchen),
+                                "tempmon_mqtt_tls_ca_file": str(ca_file),
+                                "tempmon_mqtt_port": 8883,
+                            },
+                            "pi-garage": {"ansible_host": str(garage)},
+                        },
+                        "vars": {**chroot_vars, "vault_mqtt_passwords": passwords},
+                    }
+                }
+            )
+        )
+        args = ["-i", str(EXAMPLE_INVENTORY), "-i", str(inventory), "--limit", "edge", "edge.yml"]
+        first = _playbook(args)
+        print(f"first run:\n{first[-1500:]}")
+        assert "RUNNING HANDLER [edge_agent : Reboot to load the 1-Wire overlay]" in first
+        second = _playbook(args)
+        recap = _recap(second)
+        assert set(recap) == {"pi-kitchen", "pi-garage"}, second
+        assert all(counts["changed"] == 0 for counts in recap.values()), second
+        # A dry run on a provisioned Pi has nothing to report either.
+        dry = _recap(_playbook([*args, "--check", "--diff"]))
+        assert all(counts["changed"] == 0 for counts in dry.values()), dry
+
+        # The overlay, under a final [all] section.
+        assert (
+            (kitchen / "boot/firmware/config.txt")
+            .read_text()
+            .endswith("[pi4]\narm_boost=1\n[all]\ndtoverlay=w1-gpio,gpiopin=4\n")
+        )
+        assert (garage / "boot/config.txt").read_text() == (
+            "dtparam=audio=on\n[all]\ndtoverlay=vc4-kms-v3d\ndtoverlay=w1-gpio,gpiopin=22\n"
+        )
+
+        for root, node in ((kitchen, "pi-kitchen"), (garage, "pi-garage")):
+            assert _in_root(root, "/opt/edge-agent/bin/edge-agent", "--version").stdout.strip() == (
+                f"edge-agent {version}"
+            )
+            # Installed with the repository's constraints.
+            paho = _in_root(
+                root,
+                "/opt/edge-agent/bin/python",
+                "-c",
+                "import importlib.metadata as m; print(m.version('paho-mqtt'))",
+            )
+            assert paho.stdout.strip() == pins["paho-mqtt"]
+
+            # The service user, in gpio; the files only it (and root) can read.
+            user = _account(root, "passwd", "edge-agent")
+            group = _account(root, "group", "edge-agent")
+            gpio = _account(root, "group", "gpio")
+            assert "edge-agent" in gpio[3].split(","), gpio
+            assert user[6] == "/usr/sbin/nologin"
+            for path, mode in (
+                ("etc/edge-agent", 0o750),
+                ("etc/edge-agent/config.toml", 0o640),
+                ("etc/edge-agent/mqtt-password", 0o640),
+            ):
+                info = (root / path).stat()
+                assert (info.st_mode & 0o7777, info.st_uid, info.st_gid) == (
+                    mode,
+                    0,
+                    int(group[2]),
+                ), path
+            assert (root / "etc/edge-agent/mqtt-password").read_text() == passwords[node]
+
+            # The configuration, read by the agent's own parser as the service user.
+            probe = _in_root(
+                root,
+                "/opt/edge-agent/bin/python",
+                "-I",
+                "-c",
+                CONFIG_PROBE,
+                userspec=f"{user[2]}:{group[2]}",
+            )
+            config = json.loads(probe.stdout)
+            assert config["node"] == config["user"] == node
+            assert config["password"] == passwords[node]
+            assert config["host"] == "192.0.2.10"
+            assert config["outbox"] == "/var/lib/edge-agent/outbox.sqlite"
+            assert config["require_sync"] is True
+
+            # The unit: accepted by systemd, hardened, enabled (not started: a chroot).
+            unit = (root / "etc/systemd/system/edge-agent.service").read_text()
+            for line in (
+                "ExecStart=/opt/edge-agent/bin/edge-agent run --config /etc/edge-agent/config.toml",
+                "Restart=always",
+                "RestartSec=5",
+                "User=edge-agent",
+                "SupplementaryGroups=gpio",
+                "StateDirectory=edge-agent",
+                "TimeoutStopSec=30",
+                "NoNewPrivileges=yes",
+                "ProtectSystem=strict",
+                "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+            ):
+                assert f"\n{line}\n" in unit, line
+            verify = _in_root(
+                root, "systemd-analyze", "verify", "/etc/systemd/system/edge-agent.service"
+            )
+            assert verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+            _in_root(
+                root,
+                "systemd-analyze",
+                "security",
+                "--offline=true",
+                "--threshold=40",
+                "/etc/systemd/system/edge-agent.service",
+            )
+            wants = root / "etc/systemd/system/multi-user.target.wants/edge-agent.service"
+            assert wants.is_symlink()
+
+            if _mdwe_supported():
+                _in_root(root, "/opt/edge-agent/bin/python", "-c", MDWE_PROBE, MDWE_IMPORTS)
+
+        # pi-kitchen: DS18B20 only (no `pi` extra), TLS to port 8883 with the copied CA.
+        kitchen_config = json.loads(
+            _in_root(kitchen, "/opt/edge-agent/bin/python", "-I", "-c", CONFIG_PROBE).stdout
+        )
+        assert kitchen_config["port"] == 8883
+        assert kitchen_config["ca"] == "/etc/edge-agent/ca.pem"
+        assert [s[:3] for s in kitchen_config["sensors"]] == [
+            ["fridge", "ds18b20", "28-0316a2b4c5ff"],
+            ["28-0416b3c4d5e6", "ds18b20", "28-0416b3c4d5e6"],
+        ]
+        assert kitchen_config["sensors"][0][4:] == [30.0, -0.2, 3]
+        assert (kitchen / "etc/edge-agent/ca.pem").read_text() == ca_file.read_text()
+        no_extra = _in_root(
+            kitchen, "/opt/edge-agent/bin/python", "-c", "import gpiozero", check=False
+        )
+        assert no_extra.returncode != 0, "gpiozero was installed without a DHT22, CPU or LED"
+
+        # pi-garage: DHT22 + CPU + LED, so the `pi` extra and libgpiod; plain MQTT.
+        garage_config = json.loads(
+            _in_root(garage, "/opt/edge-agent/bin/python", "-I", "-c", CONFIG_PROBE).stdout
+        )
+        assert garage_config["port"] == 1883
+        assert garage_config["ca"] is None
+        assert garage_config["led"] == 27
+        assert [s[1] for s in garage_config["sensors"]] == ["dht22", "ds18b20", "cpu"]
+        assert garage_config["sensors"][0][3] == 17
+        _in_root(garage, "/opt/edge-agent/bin/python", "-c", "import gpiozero, adafruit_dht")
+        for name in ("gpiozero", "adafruit-circuitpython-dht"):
+            installed = _in_root(
+                garage,
+                "/opt/edge-agent/bin/python",
+                "-c",
+                f"import importlib.metadata as m; print(m.version({name!r}))",
+            )
+            assert installed.stdout.strip() == pins[name], name
+        libgpiod = _in_root(garage, "sh", "-c", "ls /usr/lib/*/libgpiod.so.*")
+        assert "libgpiod.so" in libgpiod.stdout
