@@ -36,7 +36,7 @@ from edge_agent.clock import ClockSource, KernelClock
 from edge_agent.config import AgentConfig, SensorConfig
 from edge_agent.errors import ConfigError, EdgeError, SensorError
 from edge_agent.led import StatusLed
-from edge_agent.outbox import Outbox, OutboxFull
+from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.sensors import Calibrated, Sample, Sensor
 from edge_agent.wire import reading_payload, reading_topic, status_payload, status_topic
 
@@ -153,6 +153,7 @@ class _Sampler(threading.Thread):
         self.lock = lock
         self.stop = stop
         self._failing = False
+        self._storing_failed = False
 
     def run(self) -> None:
         next_due = time.monotonic()
@@ -193,13 +194,20 @@ class _Sampler(threading.Thread):
                 boottime=self.clock.boottime(),
                 synced=self.clock.synchronized(),
             )
-        except OutboxFull as exc:
+        except OutboxError as exc:  # a full disk, or a file that cannot be written
             with self.lock:
                 self.counters.disk_full += 1
-            log.error(  # noqa: TRY400 - the message says it all
-                "reading lost, outbox disk full sensor=%s error=%s", self.sensor.id, exc
-            )
+            if not self._storing_failed:  # once per episode: the count is in the heartbeat
+                log.error(  # noqa: TRY400 - the message says it all
+                    "readings lost: cannot store them in the outbox sensor=%s error=%s",
+                    self.sensor.id,
+                    exc,
+                )
+                self._storing_failed = True
             return
+        if self._storing_failed:
+            log.info("outbox stores readings again sensor=%s", self.sensor.id)
+            self._storing_failed = False
         with self.lock:
             self.counters.readings += 1
 
@@ -252,6 +260,8 @@ class Agent:
         self._last_bounds = 0.0
         self.published = 0
         self.acknowledged = 0
+        self._delete_failing = False
+        self._disk_full_persisted = 0
 
     # -- MQTT client ---------------------------------------------------------------------------
     def _new_client(self) -> mqtt.Client:
@@ -444,24 +454,51 @@ class Agent:
             self.published += 1
 
     def _flush_acks(self) -> None:
-        if self._acked:
-            acked, self._acked = self._acked, []
+        if not self._acked:
+            return
+        acked, self._acked = self._acked, []
+        try:
             self.outbox.delete(acked, now_wall=self.clock.wall())
-            self.acknowledged += len(acked)
+        except OutboxError as exc:
+            # A full disk: keep the acknowledgements and try again; until then these rows
+            # stay (and are sent again after a reconnect, which the pipeline ignores).
+            self._acked = acked + self._acked
+            if not self._delete_failing:
+                log.error(  # noqa: TRY400 - the message is the whole story
+                    "cannot delete acknowledged readings from the outbox: %s", exc
+                )
+                self._delete_failing = True
+            return
+        if self._delete_failing:
+            log.info("outbox writable again")
+            self._delete_failing = False
+        self.acknowledged += len(acked)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if now - self._last_housekeeping >= 1.0:
-            self._last_housekeeping = now
-            self._resolve_clock()
-            self._update_led()
-        if now - self._last_bounds >= 60.0:
-            self._last_bounds = now
-            dropped = self.outbox.enforce_bounds(self.clock.wall())
-            if dropped:
-                log.warning("outbox full: dropped the oldest readings count=%d", dropped)
+        try:
+            if now - self._last_housekeeping >= 1.0:
+                self._last_housekeeping = now
+                self._resolve_clock()
+                self._update_led()
+                self._persist_disk_full()
+            if now - self._last_bounds >= 60.0:
+                self._last_bounds = now
+                dropped = self.outbox.enforce_bounds(self.clock.wall())
+                if dropped:
+                    log.warning("outbox full: dropped the oldest readings count=%d", dropped)
+        except OutboxError as exc:  # a full disk must not stop the agent; it is retried
+            log.debug("outbox housekeeping failed: %s", exc)
         if self.connected and now - self._last_heartbeat >= self.config.heartbeat_s:
             self._publish_status()
+
+    def _persist_disk_full(self) -> None:
+        """Fold readings lost to a full disk into the outbox's persisted dropped total."""
+        with self._lock:
+            pending = self.counters.disk_full - self._disk_full_persisted
+        if pending:
+            self.outbox.count_dropped(pending)
+            self._disk_full_persisted += pending
 
     def _resolve_clock(self) -> None:
         synced = self.clock.synchronized()
@@ -503,7 +540,9 @@ class Agent:
             agent_version=__version__,
             uptime_s=time.monotonic() - self._started,
             outbox_depth=self.outbox.depth(),
-            dropped=self.outbox.dropped_total() + self.counters.disk_full,
+            dropped=self.outbox.dropped_total()
+            + self.counters.disk_full
+            - self._disk_full_persisted,
             read_errors=errors,
         )
 

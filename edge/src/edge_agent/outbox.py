@@ -237,6 +237,17 @@ class Outbox:
         batch = [(s,) for s in seqs]
         if not batch:
             return 0
+        try:
+            self._delete(batch, now_wall)
+        except OutboxFull:
+            # Even a delete needs room in the write-ahead log: fold the log back into the
+            # database (which frees its file) and try once more.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._delete(batch, now_wall)
+        return len(batch)
+
+    def _delete(self, batch: list[tuple[int]], now_wall: float | None) -> None:
         with self._write() as conn:
             conn.executemany("DELETE FROM outbox WHERE seq = ?", batch)
             conn.execute(
@@ -244,7 +255,12 @@ class Outbox:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (now_wall if now_wall is not None else time.time(),),
             )
-        return len(batch)
+
+    def count_dropped(self, count: int) -> None:
+        """Add readings lost outside the outbox (a full disk) to the persisted total."""
+        if count:
+            with self._write() as conn:
+                _bump(conn, "dropped_total", count)
 
     # -- status ----------------------------------------------------------------------------
     def depth(self) -> int:

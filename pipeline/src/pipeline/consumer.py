@@ -349,6 +349,9 @@ class Session:
         except Rejected as exc:
             self._rejected.append((delivery, exc.reason))
             return
+        except Exception as exc:  # noqa: BLE001 - a decoder bug: dead-letter, never die on input
+            self._rejected.append((delivery, _decoder_failed(exc)))
+            return
         batch = self._batch
         if batch is None:
             batch = self._batch = Batch(session=self)
@@ -365,6 +368,9 @@ class Session:
             status = decode_status(body, delivery.routing_key, now=self._now)
         except Rejected as exc:
             self._rejected.append((delivery, exc.reason))
+            return
+        except Exception as exc:  # noqa: BLE001 - a decoder bug: dead-letter, never die on input
+            self._rejected.append((delivery, _decoder_failed(exc)))
             return
         self._current_batch().add_status(status, delivery.tag)
 
@@ -461,6 +467,11 @@ class Session:
         remaining = [tag for tag in batch.tags if tag not in nacked] if nacked else batch.tags
         if remaining:
             self._channel.basic_ack(max(remaining), multiple=True)
+
+
+def _decoder_failed(exc: Exception) -> str:
+    log.error("the decoder failed on a message; it is dead-lettered", exc_info=exc)
+    return f"decoder failed: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _first_line(exc: BaseException) -> str:

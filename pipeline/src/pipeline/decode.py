@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -74,6 +73,7 @@ _EARLIEST: Final = datetime(2000, 1, 1, tzinfo=UTC)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
 _MAX_AGENT_VERSION: Final = 64
+_MAX_UPTIME_S: Final = 1e12  # about 31,700 years
 _MAX_READ_ERRORS: Final = 64
 _SHOW_MAX: Final = 60
 _STATES: Final = frozenset({"online", "offline"})
@@ -509,8 +509,10 @@ def decode_status(body: bytes, routing_key: str, *, now: datetime) -> NodeStatus
     uptime_s: float | None = None
     if "uptime_s" in obj:
         uptime = _number(obj["uptime_s"], "uptime_s")
-        if not 0 <= uptime < math.inf:  # json reads a literal like 1e400 as inf
-            raise Rejected(f"uptime_s: {_show(uptime)} is not a finite number >= 0")
+        # json reads a literal like 1e400 as inf, and an integer like 10**400 exactly: both
+        # are beyond any uptime, and the integer would not even convert to a float.
+        if not 0 <= uptime < _MAX_UPTIME_S:
+            raise Rejected(f"uptime_s: {_show(uptime)} is not a number of seconds >= 0")
         uptime_s = float(uptime)
     outbox_depth = (
         _integer(obj["outbox_depth"], "outbox_depth", _MAX_COUNTER)
