@@ -340,7 +340,7 @@ def test_decode_status(body: bytes, expected: NodeStatus) -> None:
         (
             b'{"version":1,"node":"pi-01","state":"online","uptime_s":1e400}',
             "status.pi-01",
-            "uptime_s: inf is not a finite number >= 0",
+            "uptime_s: inf is not a number of seconds >= 0",
         ),
         (
             b'{"version":1,"node":"pi-01","state":"online","agent_version":"\\ud800"}',
