@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every benchmark, one after the other, each printing its figures next to the baselines it
+# measured in the same run (README "Benchmarks"). Installs what it needs like tests/run.sh.
+# The output is also kept in bench/out/ (not tracked); copy a full run into bench/RESULTS.md.
+#   bench/run.sh [--quick]        --quick: smaller samples, for a smoke run
+set -euo pipefail
+source "$(dirname "$0")/../tests/setup.sh"
+
+readings=100000 backlog=100000 seconds=15
+if [ "${1:-}" = "--quick" ]; then
+    readings=20000 backlog=20000 seconds=5
+fi
+mkdir -p bench/out
+out="bench/out/$(date -u +%Y%m%dT%H%M%SZ).txt"
+{
+    echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+    "$VENV/bin/python" -u -m bench.drain --readings "$readings"
+    "$VENV/bin/python" -u -m bench.edge --backlog "$backlog" --seconds "$seconds"
+    "$VENV/bin/python" -u -m bench.e2e --seconds "$seconds"
+} 2>&1 | tee "$out"
+echo "kept in $out"
