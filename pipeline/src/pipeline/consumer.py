@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import pika
 import pika.exceptions
@@ -45,6 +45,8 @@ from pipeline.store import BatchResult, Store
 __all__ = ["Backoff", "Batch", "Session", "SessionBrokenError", "Writer", "consume_forever"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # Errors that end a session: the connection or channel is gone; the outer loop reconnects.
 _AMQP_ERRORS: tuple[type[BaseException], ...] = (
@@ -108,6 +110,11 @@ class Batch:
     def size(self) -> int:
         return len(self.tags)
 
+    def add_reading(self, reading: Reading, delivery: Delivery) -> None:
+        self.readings.append(reading)
+        self.reading_deliveries.append(delivery)
+        self.tags.append(delivery.tag)
+
     def add_status(self, status: NodeStatus, tag: int) -> None:
         self.statuses.append(status)
         self.tags.append(tag)
@@ -129,12 +136,8 @@ class Writer(threading.Thread):
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._stopping = threading.Event()
         self._stop_deadline = float("inf")
-        self.pending = 0
-        self._lock = threading.Lock()
 
     def submit(self, batch: Batch) -> None:
-        with self._lock:
-            self.pending += 1
         self._queue.put(batch)
 
     def stop(self) -> None:
@@ -158,9 +161,6 @@ class Writer(threading.Thread):
                 # unacknowledged delivery is redelivered.
                 log.exception("writer failed on a batch; ending the session for redelivery")
                 batch.session.fail("the writer failed on a batch")
-            finally:
-                with self._lock:
-                    self.pending -= 1
 
     def _commit(self, batch: Batch) -> BatchResult | None:
         backoff = Backoff(0.2, 10.0)
@@ -344,35 +344,29 @@ class Session:
     ) -> None:
         delivery = self._delivery(self._settings.readings_queue, method, props, body)
         self._consumed_readings += 1
-        try:
-            reading = decode_reading(body, delivery.routing_key, now=self._now)
-        except Rejected as exc:
-            self._rejected.append((delivery, exc.reason))
-            return
-        except Exception as exc:  # noqa: BLE001 - a decoder bug: dead-letter, never die on input
-            self._rejected.append((delivery, _decoder_failed(exc)))
-            return
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = Batch(session=self)
-        batch.readings.append(reading)
-        batch.reading_deliveries.append(delivery)
-        batch.tags.append(delivery.tag)
+        reading = self._decoded(delivery, decode_reading)
+        if reading is not None:
+            self._current_batch().add_reading(reading, delivery)
 
     def _on_status(
         self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
         delivery = self._delivery(self._settings.status_queue, method, props, body)
         self._consumed_statuses += 1
+        status = self._decoded(delivery, decode_status)
+        if status is not None:
+            self._current_batch().add_status(status, delivery.tag)
+
+    def _decoded(self, delivery: Delivery, decode: Callable[..., _T]) -> _T | None:
+        """The decoded message, or None after queueing it for the dead-letter queue."""
         try:
-            status = decode_status(body, delivery.routing_key, now=self._now)
+            return decode(delivery.body, delivery.routing_key, now=self._now)
         except Rejected as exc:
-            self._rejected.append((delivery, exc.reason))
-            return
+            reason = exc.reason
         except Exception as exc:  # noqa: BLE001 - a decoder bug: dead-letter, never die on input
-            self._rejected.append((delivery, _decoder_failed(exc)))
-            return
-        self._current_batch().add_status(status, delivery.tag)
+            reason = _decoder_failed(exc)
+        self._rejected.append((delivery, reason))
+        return None
 
     def _current_batch(self) -> Batch:
         if self._batch is None:
