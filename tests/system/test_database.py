@@ -170,7 +170,9 @@ def test_recent_range_of_one_sensor_uses_the_index(database: Database) -> None:
                 " WHERE node = 'pi-3' AND sensor = 's2' AND ts > now() - interval '1 hour'"
             )
         )
-    assert "readings_sensor_ts" in plan, plan
+    # Either index answers it (the planner weighs them by the sample); never the whole table.
+    assert "readings_sensor_ts" in plan or "readings_ts" in plan, plan
+    assert "Seq Scan" not in plan, plan
 
 
 def test_committed_rows_survive_a_database_crash(database: Database) -> None:

@@ -97,6 +97,100 @@ def test_view_equals_the_plain_aggregate_over_raw_rows(database: Database) -> No
         assert v[10:] == r[10:]
 
 
+_RAW_BETWEEN = """
+SELECT node, sensor, max(kind), count(*), min(temperature_c), max(temperature_c),
+       min(humidity_pct), max(humidity_pct), min(ts), max(ts), sum(temperature_c),
+       sum(humidity_pct)
+  FROM readings
+ WHERE ts > %(t0)s AND ts <= %(t1)s
+ GROUP BY node, sensor ORDER BY node, sensor
+"""
+_FUNCTION_BETWEEN = """
+SELECT node, sensor, kind, readings, min_c, max_c, min_humidity_pct, max_humidity_pct,
+       first_ts, last_ts, avg_c, avg_humidity_pct
+  FROM sensor_summary(%(t0)s, %(t1)s) ORDER BY node, sensor
+"""
+
+
+def test_summary_function_is_exact_for_any_window(database: Database) -> None:
+    """Windows of every length and alignment against ten-minute buckets, minutes and seconds.
+
+    The view only ever sees now(); the function behind it takes any (t0, t1], so the bucket,
+    minute and raw-edge arithmetic is checked here at boundaries the clock may never hit.
+    """
+    rng = random.Random(11)
+    base = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    readings: list[Reading] = []
+    seq = 0
+    for sensor in ("t1", "h1"):
+        # Every 7 s for three hours, plus readings exactly on minute and bucket boundaries.
+        times = [base + timedelta(seconds=s) for s in range(0, 3 * 3600, 7)]
+        times += [base + timedelta(minutes=m) for m in range(180)]
+        times += [base + timedelta(minutes=m, microseconds=1) for m in range(0, 180, 10)]
+        for ts in times:
+            seq += 1
+            readings.append(_reading("pi-w", sensor, seq, ts, rng))
+    rng.shuffle(readings)
+    store = Store(make_engine(database.writer_url))
+    for i in range(0, len(readings), 900):
+        store.write(readings[i : i + 900])
+    windows = [
+        (timedelta(minutes=start_s / 60), timedelta(seconds=length_s))
+        for start_s in (0, 1, 59, 60, 61, 540, 599, 600, 601, 1234.5, 3599, 3600)
+        for length_s in (0, 0.5, 30, 60, 61, 599, 600, 601, 3540, 3600, 3661, 7200)
+    ]
+    windows += [
+        (timedelta(seconds=rng.uniform(-600, 3 * 3600)), timedelta(seconds=rng.uniform(0, 9000)))
+        for _ in range(60)
+    ]
+    windows.append((timedelta(minutes=30), timedelta(minutes=-5)))  # t1 before t0: empty
+    with psycopg.connect(database.reader_url) as conn:
+        for offset, length in windows:
+            t0 = base + offset
+            params = {"t0": t0, "t1": t0 + length}
+            raw = conn.execute(_RAW_BETWEEN, params).fetchall()
+            got = conn.execute(_FUNCTION_BETWEEN, params).fetchall()
+            assert [g[:10] for g in got] == [r[:10] for r in raw], params
+            for g, r in zip(got, raw, strict=True):
+                assert g[10] == pytest.approx(r[10] / r[3], rel=1e-12), params
+                if r[11] is None:
+                    assert g[11] is None
+                else:
+                    assert g[11] == pytest.approx(r[11] / r[3], rel=1e-12), params
+
+
+def test_ten_minute_buckets_sum_the_minutes(database: Database) -> None:
+    rng = random.Random(5)
+    now = datetime.now(UTC)
+    readings = [
+        _reading(f"pi-{n % 2}", ("t1", "h1")[n % 2], n, now - timedelta(seconds=n * 3), rng)
+        for n in range(3000)
+    ]
+    store = Store(make_engine(database.writer_url))
+    for i in range(0, 3000, 400):
+        store.write(readings[i : i + 400])
+        store.write(readings[i : i + 200])  # redelivered: counted once
+    with psycopg.connect(database.reader_url) as conn:
+        minutes = conn.execute(
+            "SELECT node, sensor, date_bin('10 minutes', minute, TIMESTAMPTZ '2000-01-01Z'),"
+            "       sum(n), sum(sum_c), min(min_c), max(max_c), sum(n_h), sum(sum_h),"
+            "       min(min_h), max(max_h), min(first_ts), max(last_ts)"
+            "  FROM readings_minute GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        ).fetchall()
+        buckets = conn.execute(
+            "SELECT node, sensor, bucket, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h,"
+            "       first_ts, last_ts FROM readings_10min ORDER BY 1, 2, 3"
+        ).fetchall()
+    assert sum(b[3] for b in buckets) == 3000
+    assert len(buckets) == len(minutes)
+    for b, m in zip(buckets, minutes, strict=True):
+        assert b[:4] == m[:4]
+        assert b[4] == pytest.approx(m[4], rel=1e-12)
+        assert b[5:8] == m[5:8]
+        assert (b[8] is None) == (m[8] is None)
+        assert b[9:] == m[9:]
+
+
 def test_concurrent_writers_do_not_deadlock_on_rollup_rows(database: Database) -> None:
     now = datetime.now(UTC)
     rng = random.Random(3)
@@ -182,6 +276,8 @@ def test_writer_cannot_tamper_with_summary_tables_beyond_upserts(database: Datab
         for forbidden in (
             "DELETE FROM readings_minute",
             "TRUNCATE readings_minute",
+            "DELETE FROM readings_10min",
+            "TRUNCATE readings_10min",
             "DELETE FROM nodes",
             "DROP VIEW sensor_summary_last_hour",
         ):

@@ -1,10 +1,10 @@
 """Writing batches to PostgreSQL: one transaction per batch, idempotent on the natural key.
 
 One statement inserts the batch with ``ON CONFLICT DO NOTHING`` and, from the rows that really
-inserted (``RETURNING``), updates the per-minute rollup and the latest reading per sensor. A
-redelivered batch therefore changes nothing twice. Rows are sorted by key before they are sent,
-and every upsert visits its keys in sorted order, so concurrent consumers wait for each other
-instead of deadlocking on rollup rows.
+inserted (``RETURNING``), updates the per-minute and ten-minute rollups and the latest reading
+per sensor. A redelivered batch therefore changes nothing twice. Rows are sorted by key before
+they are sent, and every upsert visits its keys in sorted order, so concurrent consumers wait
+for each other instead of deadlocking on rollup rows.
 """
 
 from __future__ import annotations
@@ -22,6 +22,21 @@ from pipeline.decode import NodeStatus, Reading
 __all__ = ["BatchResult", "Store"]
 
 log = logging.getLogger(__name__)
+
+# An upsert into a rollup table adds the batch's aggregates to the stored ones.
+_MERGE_AGGREGATES = """
+        n = r.n + EXCLUDED.n,
+        sum_c = r.sum_c + EXCLUDED.sum_c,
+        min_c = LEAST(r.min_c, EXCLUDED.min_c),
+        max_c = GREATEST(r.max_c, EXCLUDED.max_c),
+        n_h = r.n_h + EXCLUDED.n_h,
+        sum_h = CASE WHEN r.sum_h IS NULL THEN EXCLUDED.sum_h
+                     WHEN EXCLUDED.sum_h IS NULL THEN r.sum_h
+                     ELSE r.sum_h + EXCLUDED.sum_h END,
+        min_h = LEAST(r.min_h, EXCLUDED.min_h),
+        max_h = GREATEST(r.max_h, EXCLUDED.max_h),
+        first_ts = LEAST(r.first_ts, EXCLUDED.first_ts),
+        last_ts = GREATEST(r.last_ts, EXCLUDED.last_ts)"""
 
 # Run with the driver's own placeholders: %(name)b sends each array in PostgreSQL's binary
 # format, which spares psycopg the per-element quoting of the text format (about a third of
@@ -42,29 +57,40 @@ ins AS (
     ON CONFLICT ON CONSTRAINT readings_pkey DO NOTHING
     RETURNING node, sensor, seq, kind, ts, temperature_c, humidity_pct
 ),
+minutes AS (
+    SELECT node, sensor, date_trunc('minute', ts) AS minute, max(kind) AS kind,
+           count(*) AS n, sum(temperature_c) AS sum_c, min(temperature_c) AS min_c,
+           max(temperature_c) AS max_c, count(humidity_pct) AS n_h, sum(humidity_pct) AS sum_h,
+           min(humidity_pct) AS min_h, max(humidity_pct) AS max_h, min(ts) AS first_ts,
+           max(ts) AS last_ts
+      FROM ins
+     GROUP BY node, sensor, date_trunc('minute', ts)
+),
 rollup AS (
     INSERT INTO readings_minute AS r
         (node, sensor, minute, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h,
          first_ts, last_ts)
-    SELECT node, sensor, date_trunc('minute', ts), max(kind), count(*), sum(temperature_c),
-           min(temperature_c), max(temperature_c), count(humidity_pct), sum(humidity_pct),
-           min(humidity_pct), max(humidity_pct), min(ts), max(ts)
-      FROM ins
-     GROUP BY node, sensor, date_trunc('minute', ts)
-     ORDER BY node, sensor, date_trunc('minute', ts)
+    SELECT node, sensor, minute, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h,
+           first_ts, last_ts
+      FROM minutes
+     ORDER BY node, sensor, minute
     ON CONFLICT ON CONSTRAINT readings_minute_pkey DO UPDATE SET
-        n = r.n + EXCLUDED.n,
-        sum_c = r.sum_c + EXCLUDED.sum_c,
-        min_c = LEAST(r.min_c, EXCLUDED.min_c),
-        max_c = GREATEST(r.max_c, EXCLUDED.max_c),
-        n_h = r.n_h + EXCLUDED.n_h,
-        sum_h = CASE WHEN r.sum_h IS NULL THEN EXCLUDED.sum_h
-                     WHEN EXCLUDED.sum_h IS NULL THEN r.sum_h
-                     ELSE r.sum_h + EXCLUDED.sum_h END,
-        min_h = LEAST(r.min_h, EXCLUDED.min_h),
-        max_h = GREATEST(r.max_h, EXCLUDED.max_h),
-        first_ts = LEAST(r.first_ts, EXCLUDED.first_ts),
-        last_ts = GREATEST(r.last_ts, EXCLUDED.last_ts)
+{merge}
+    RETURNING 1
+),
+rollup10 AS (
+    INSERT INTO readings_10min AS r
+        (node, sensor, bucket, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h,
+         first_ts, last_ts)
+    SELECT node, sensor,
+           date_bin('10 minutes', minute, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
+           max(kind), sum(n), sum(sum_c), min(min_c), max(max_c), sum(n_h), sum(sum_h),
+           min(min_h), max(max_h), min(first_ts), max(last_ts)
+      FROM minutes
+     GROUP BY node, sensor, bucket
+     ORDER BY node, sensor, bucket
+    ON CONFLICT ON CONSTRAINT readings_10min_pkey DO UPDATE SET
+{merge}
     RETURNING 1
 ),
 latest AS (
@@ -84,7 +110,7 @@ latest AS (
     RETURNING 1
 )
 SELECT count(*) FROM ins
-"""
+""".replace("{merge}", _MERGE_AGGREGATES)
 
 _WRITE_STATUSES = text(
     """
@@ -149,13 +175,20 @@ class Store:
                 unreachable or failed; nothing was committed, the caller retries the batch.
         """
         order = sorted(range(len(readings)), key=lambda i: _key(readings[i]))
+        try:
+            # The common case: one statement for the whole batch, no savepoint round trips.
+            with self._engine.begin() as conn:
+                inserted = self._insert(conn, [readings[i] for i in order])
+                applied = self._apply_statuses(conn, statuses)
+            return BatchResult(
+                inserted=inserted, duplicates=len(readings) - inserted, statuses=applied
+            )
+        except (DataError, IntegrityError):
+            if not readings:
+                raise
+        # The batch rolled back as a whole; again, with each row in its own savepoint.
         with self._engine.begin() as conn:
-            try:
-                with conn.begin_nested():
-                    inserted = self._insert(conn, [readings[i] for i in order])
-                refused: list[tuple[int, str]] = []
-            except (DataError, IntegrityError):
-                inserted, refused = self._insert_one_by_one(conn, readings, order)
+            inserted, refused = self._insert_one_by_one(conn, readings, order)
             applied = self._apply_statuses(conn, statuses)
         return BatchResult(
             inserted=inserted,
