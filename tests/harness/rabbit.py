@@ -178,6 +178,13 @@ class RabbitBroker:
             raise
         self.boot_seconds.append(time.monotonic() - began)
 
+    @property
+    def pid(self) -> int:
+        """The server's process, which leads the session every node process runs in."""
+        if self._server is None:
+            raise RuntimeError("the broker is not running")
+        return self._server.pid
+
     def _fail_if_exited(self) -> bool:
         if self._server is not None and self._server.poll() is not None:
             tail = self._log.read_text(errors="replace")[-3000:]

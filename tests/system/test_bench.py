@@ -1,0 +1,64 @@
+"""The benchmarks stay runnable: their helpers measure what they claim, at a small scale.
+
+The figures themselves are not asserted (timing belongs to bench/, not to tests); what is
+checked is that the code paths the README's bench command runs still work end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.cpu import CpuMeter
+from tests.harness.procs import REPO
+
+pytestmark = pytest.mark.system
+
+
+def test_cpu_meter_counts_a_process_tree_and_nothing_else() -> None:
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+    spawn = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", spawn])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    meter = CpuMeter({"tree": [parent.pid], "idle": [idle.pid]})
+    meter.start()
+    while parent.poll() is None:
+        meter.sample()  # the child is short-lived: sample it while it lives
+        time.sleep(0.05)
+    totals = meter.stop()
+    idle.kill()
+    idle.wait()
+    assert 0.5 <= totals["tree"] <= 2.0, totals
+    assert totals["idle"] < 0.2, totals
+
+
+def test_summary_benchmark_runs_and_checks_exactness() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.summary",
+            "--readings",
+            "60000",
+            "--sensors",
+            "100",
+            "--queries",
+            "5",
+            "--plain-queries",
+            "2",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "summary equals the plain GROUP BY for all 100 sensors" in done.stdout
+    assert "ours: sensor_summary_last_hour" in done.stdout
+    assert "baseline: plain GROUP BY over raw rows" in done.stdout
