@@ -8,6 +8,7 @@ for each party does.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -43,9 +44,9 @@ def postmaster_pid(data_dir: Path) -> int:
 class CpuMeter:
     """CPU seconds spent between :meth:`start` and :meth:`stop` by named groups of processes.
 
-    A group is a set of root pids: a root, its descendants, and (``sessions``) every process
-    in a session led by one of the roots. Processes that exit during the interval are counted
-    up to their last sample, so sample often enough (:meth:`sample`) for short-lived ones.
+    A group is a set of root pids and their descendants, or (``sessions``) every process in a
+    session led by one of the given pids. A thread samples /proc every ``interval`` seconds: a
+    process that exits is counted up to its last sample.
     """
 
     def __init__(
@@ -56,6 +57,8 @@ class CpuMeter:
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._owner: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def add_root(self, name: str, pid: int) -> None:
         self._roots.setdefault(name, set()).add(pid)
@@ -64,9 +67,10 @@ class CpuMeter:
         for pid, (_ppid, sid, _) in snap.items():
             if pid in self._owner:
                 continue
-            for name, sids in self._sessions.items():
-                if sid in sids:
-                    self._owner[pid] = name
+            session = next((n for n, sids in self._sessions.items() if sid in sids), None)
+            if session is not None:  # a session wins over ancestry (servers the bench started)
+                self._owner[pid] = session
+                continue
             for name, roots in self._roots.items():
                 walk, seen = pid, 0
                 while walk > 1 and seen < 64:
@@ -78,13 +82,23 @@ class CpuMeter:
                         break
                     walk, seen = parent[0], seen + 1
 
-    def start(self) -> None:
+    def start(self, interval: float = 0.2) -> None:
+        """Take the first sample, then sample every ``interval`` s until :meth:`stop`."""
         snap = snapshot()
         self._assign(snap)
         for pid, (_, _, cpu) in snap.items():
             if pid in self._owner:
                 self._first[pid] = cpu
                 self._last[pid] = cpu
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._sample_until_stopped, args=(interval,), daemon=True
+        )
+        self._thread.start()
+
+    def _sample_until_stopped(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.sample()
 
     def sample(self) -> None:
         snap = snapshot()
@@ -95,6 +109,9 @@ class CpuMeter:
                 self._last[pid] = cpu
 
     def stop(self) -> dict[str, float]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         self.sample()
         totals = dict.fromkeys((*self._roots, *self._sessions), 0.0)
         for pid, name in self._owner.items():

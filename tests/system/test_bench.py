@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -25,10 +24,8 @@ def test_cpu_meter_counts_a_process_tree_and_nothing_else() -> None:
     parent = subprocess.Popen([sys.executable, "-c", spawn])
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
     meter = CpuMeter({"tree": [parent.pid], "idle": [idle.pid]})
-    meter.start()
-    while parent.poll() is None:
-        meter.sample()  # the child is short-lived: sample it while it lives
-        time.sleep(0.05)
+    meter.start(interval=0.05)  # the child is short-lived: sample it while it lives
+    parent.wait()
     totals = meter.stop()
     idle.kill()
     idle.wait()

@@ -7,7 +7,6 @@ these tables pin exact reasons, the mapping of the legacy form, and encode_readi
 from __future__ import annotations
 
 import json
-from dataclasses import FrozenInstanceError, replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -62,7 +61,7 @@ def reading(**changes: Any) -> Reading:
         humidity_pct=None,
         time_uncertain=False,
     )
-    return replace(base, **changes)
+    return base._replace(**changes)
 
 
 def reason_of(body: bytes, routing_key: str = KEY, *, status: bool = False) -> str:
@@ -229,8 +228,8 @@ def test_naive_now_is_a_caller_bug() -> None:
         decode_reading(payload(), KEY, now=datetime(2025, 6, 1, 12, 0))  # noqa: DTZ001
 
 
-def test_reading_is_frozen() -> None:
-    with pytest.raises(FrozenInstanceError):
+def test_reading_is_immutable() -> None:
+    with pytest.raises(AttributeError):
         reading().seq = 8  # type: ignore[misc]
 
 

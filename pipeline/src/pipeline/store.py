@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DataError, IntegrityError
@@ -20,6 +21,9 @@ from sqlalchemy.exc import DataError, IntegrityError
 from pipeline.decode import NodeStatus, Reading
 
 __all__ = ["BatchResult", "Store"]
+
+# The natural key (node, sensor, seq): batches are written in this order.
+_KEY = itemgetter(0, 1, 3)
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +178,10 @@ class Store:
             sqlalchemy.exc.OperationalError (and other DBAPI errors): the database is
                 unreachable or failed; nothing was committed, the caller retries the batch.
         """
-        order = sorted(range(len(readings)), key=lambda i: _key(readings[i]))
         try:
             # The common case: one statement for the whole batch, no savepoint round trips.
             with self._engine.begin() as conn:
-                inserted = self._insert(conn, [readings[i] for i in order])
+                inserted = self._insert(conn, sorted(readings, key=_KEY))
                 applied = self._apply_statuses(conn, statuses)
             return BatchResult(
                 inserted=inserted, duplicates=len(readings) - inserted, statuses=applied
@@ -187,6 +190,7 @@ class Store:
             if not readings:
                 raise
         # The batch rolled back as a whole; again, with each row in its own savepoint.
+        order = sorted(range(len(readings)), key=lambda i: _KEY(readings[i]))
         with self._engine.begin() as conn:
             inserted, refused = self._insert_one_by_one(conn, readings, order)
             applied = self._apply_statuses(conn, statuses)
@@ -200,16 +204,9 @@ class Store:
     def _insert(self, conn: Connection, rows: Sequence[Reading]) -> int:
         if not rows:
             return 0
-        params = {
-            "node": [r.node for r in rows],
-            "sensor": [r.sensor for r in rows],
-            "seq": [r.seq for r in rows],
-            "kind": [r.kind for r in rows],
-            "ts": [r.ts for r in rows],
-            "temperature_c": [r.temperature_c for r in rows],
-            "humidity_pct": [r.humidity_pct for r in rows],
-            "time_uncertain": [r.time_uncertain for r in rows],
-        }
+        # Reading is a named tuple: zip transposes the rows into columns at C speed.
+        columns = zip(*rows, strict=True)
+        params = {name: list(col) for name, col in zip(Reading._fields, columns, strict=True)}
         return int(conn.exec_driver_sql(_WRITE_READINGS, params).scalar_one())
 
     def _insert_one_by_one(
@@ -252,10 +249,6 @@ class Store:
             },
         )
         return len(statuses)
-
-
-def _key(reading: Reading) -> tuple[str, str, int]:
-    return (reading.node, reading.sensor, reading.seq)
 
 
 def _merge(old: NodeStatus | None, new: NodeStatus) -> NodeStatus:
