@@ -223,6 +223,36 @@ class LiveWriter(threading.Thread):
             self.catch_up()
 
 
+_BOUNDS = """
+SELECT t0, t1, m0, m1, b0, greatest(date_bin('10 minutes', m1, TIMESTAMPTZ '2000-01-01Z'), b0)
+  FROM (SELECT t0, t1, m0, greatest(date_trunc('minute', t1), m0) AS m1,
+               date_bin('10 minutes', m0 + interval '9 minutes', TIMESTAMPTZ '2000-01-01Z') AS b0
+          FROM (SELECT now() - interval '1 hour' AS t0, now() AS t1,
+                       date_trunc('minute', now() - interval '1 hour') + interval '1 minute' AS m0
+               ) AS w) AS v
+"""
+
+
+def inner_plan(conn: psycopg.Connection[tuple[object, ...]]) -> str:
+    """EXPLAIN ANALYZE of the statement sensor_summary() runs, with the last hour's bounds.
+
+    The function plans its statement at run time (EXECUTE), so EXPLAIN of the view only shows
+    a function scan; this runs the same text, taken from the function, with the same settings.
+    """
+    source = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'sensor_summary'").fetchone()
+    assert source is not None
+    statement = str(source[0]).split("$q$")[1]
+    bounds = conn.execute(_BOUNDS).fetchone()
+    assert bounds is not None
+    for i in range(len(bounds), 0, -1):
+        statement = statement.replace(f"${i}", f"'{bounds[i - 1].isoformat()}'::timestamptz")
+    with conn.transaction():
+        conn.execute("SET LOCAL jit = off")
+        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+        rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {statement}").fetchall()
+    return "\n".join(str(r[0]) for r in rows)
+
+
 def timed(conn: psycopg.Connection[tuple[object, ...]], sql: str, n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -270,6 +300,7 @@ def main() -> None:
         writer = LiveWriter(url, args.sensors, steps, end - timedelta(seconds=INTERVAL_S * steps))
         began = time.monotonic()
         caught_up = writer.catch_up()
+        writer.written = 0
         say(f"Store.write caught up {caught_up:,} readings in {time.monotonic() - began:.1f} s")
         writer.start()
         try:
@@ -280,9 +311,7 @@ def main() -> None:
                 timed(conn, PLAIN, 2)
                 ours = timed(conn, OURS, args.queries)
                 plain = timed(conn, PLAIN, args.plain_queries)
-                plan = "\n".join(
-                    str(r[0]) for r in conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {OURS}").fetchall()
-                )
+                plan = inner_plan(conn)
         finally:
             writer.stop.set()
             writer.join()
@@ -305,7 +334,7 @@ def main() -> None:
         )
     met = statistics.median(ours) < 20
     print(f"target: p50 of ours < 20 ms: {'met' if met else 'NOT met'}")
-    print("\nplan of ours (EXPLAIN ANALYZE, last run):\n" + plan)
+    print("\nplan of the statement sensor_summary() runs (EXPLAIN ANALYZE):\n" + plan)
 
 
 if __name__ == "__main__":
