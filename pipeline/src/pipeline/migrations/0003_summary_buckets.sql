@@ -59,7 +59,9 @@ SELECT node, sensor, date_bin('10 minutes', minute, TIMESTAMPTZ '2000-01-01 00:0
 
 -- Exactly the readings with ts in (t0, t1], per sensor: the whole ten-minute buckets from
 -- readings_10min, the whole minutes outside them from readings_minute, and the raw rows of
--- the partial minutes at both ends, all five ranges aggregated together.
+-- the partial minutes at both ends, all five ranges aggregated together. Counts stay integer
+-- (sum() of integer is a bigint, kept in machine words) and kind is compared bytewise, not by
+-- the database's locale.
 --
 -- PL/pgSQL with EXECUTE ... USING: the statement is planned for the actual bounds, so the
 -- planner knows each range holds a few thousand rows. A plain SQL function is either inlined
@@ -92,8 +94,8 @@ BEGIN
     -- $1 t0, $2 t1, $3 m0, $4 m1, $5 b0, $6 b1
     RETURN QUERY EXECUTE $q$
 WITH parts AS (
-    SELECT node, sensor, kind, n::bigint AS n, sum_c, min_c, max_c, n_h::bigint AS n_h, sum_h,
-           min_h, max_h, first_ts, last_ts
+    SELECT node, sensor, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h, first_ts,
+           last_ts
       FROM readings_10min WHERE bucket >= $5 AND bucket < $6
     UNION ALL
     SELECT node, sensor, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h, first_ts,
@@ -112,8 +114,9 @@ WITH parts AS (
            (humidity_pct IS NOT NULL)::integer, humidity_pct, humidity_pct, humidity_pct, ts, ts
       FROM readings WHERE ts >= $4 AND ts > $1 AND ts <= $2
 )
-SELECT node, sensor, max(kind), sum(n)::bigint, sum(sum_c) / sum(n), min(min_c), max(max_c),
-       sum(sum_h) / nullif(sum(n_h), 0), min(min_h), max(max_h), min(first_ts), max(last_ts)
+SELECT node, sensor, max(kind COLLATE "C"), sum(n), sum(sum_c) / sum(n), min(min_c),
+       max(max_c), sum(sum_h) / nullif(sum(n_h), 0), min(min_h), max(max_h), min(first_ts),
+       max(last_ts)
   FROM parts
  GROUP BY node, sensor
 $q$ USING t0, t1, m0, m1, b0, b1;
