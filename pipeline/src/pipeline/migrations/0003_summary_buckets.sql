@@ -40,7 +40,7 @@ ALTER TABLE readings_minute SET (fillfactor = 70);
 
 -- The summary reads the raw rows of the window's two partial minutes, across all sensors. A
 -- BRIN index answers that by reading its whole summary of the table, which grows with the
--- table (about 4 ms per range on 50 million rows) and misses every page appended since the
+-- table (about 4 ms per scan on 50 million rows) and misses every page appended since the
 -- last VACUUM; a B-tree finds the few thousand rows directly. New timestamps arrive in order,
 -- so the B-tree grows at its right edge.
 DROP INDEX readings_ts_brin;
