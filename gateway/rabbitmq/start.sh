@@ -2,16 +2,41 @@
 # Entry point of the rabbitmq service in docker compose: boot the broker with the topology from
 # definitions.json, then create its users from the environment (users.sh apply). The
 # healthcheck reports healthy only after both, so nothing connects to a broker without users.
+#
+# The node's name is rabbit@<hostname>, and its data lives under that name in the volume:
+# docker-compose.yml gives the service a fixed hostname so that a re-created container finds
+# the queued readings and dead letters of the one before.
 set -eu
 
 ready=/tmp/gateway-users-applied
 rm -f "$ready"
+# Seconds to wait for the node to boot (first boot of an empty volume takes longest).
+boot_timeout=${GATEWAY_BOOT_TIMEOUT_S:-300}
 
 rabbitmq-server &
 server=$!
 trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT
 
-rabbitmqctl -q await_startup --timeout 300
+# `rabbitmqctl await_startup` fails at once (exit 69) until the new VM has registered with
+# epmd, which takes a second or two; retry it for as long as the server process lives.
+waited=0
+until rabbitmqctl -q await_startup --timeout "$boot_timeout" >/dev/null 2>&1; do
+    if ! kill -0 "$server" 2>/dev/null; then
+        status=0
+        wait "$server" || status=$?
+        echo "start.sh: rabbitmq-server exited with status $status before it was up" >&2
+        exit 1
+    fi
+    if [ "$waited" -ge "$boot_timeout" ]; then
+        echo "start.sh: the broker did not start within ${boot_timeout}s; see its log above" >&2
+        kill -TERM "$server" 2>/dev/null || true
+        wait "$server" || true
+        exit 1
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
+
 sh /etc/rabbitmq/gateway/users.sh apply
 # docker compose --profile demo: three simulated agents, each with its own user.
 if [ -n "${DEMO_NODE_PASSWORD:-}" ]; then

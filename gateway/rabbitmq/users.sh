@@ -48,12 +48,16 @@ user_exists() {
     "$CTL" -q list_users --no-table-headers | cut -f1 | grep -qx -- "$1"
 }
 
-# ensure_user NAME PASSWORD: create the user or reset its password; never prints the password.
+# ensure_user NAME PASSWORD: create the user or reset its password; never prints the password,
+# never puts it on a command line. RabbitMQ 4.x's rabbitmqctl script lets the CLI read standard
+# input only when the command and the user name are its ONLY arguments: with any extra flag
+# (-q included) it starts the VM with -noinput and the password prompt waits forever. So no
+# flag here, and the "Adding user" line goes to /dev/null instead of being silenced by -q.
 ensure_user() {
     if user_exists "$1"; then
-        printf '%s' "$2" | "$CTL" -q change_password "$1" >/dev/null
+        printf '%s' "$2" | "$CTL" change_password "$1" >/dev/null
     else
-        printf '%s' "$2" | "$CTL" -q add_user "$1" >/dev/null
+        printf '%s' "$2" | "$CTL" add_user "$1" >/dev/null
     fi
 }
 
