@@ -13,8 +13,26 @@ from dataclasses import dataclass
 import pytest
 
 from tests.harness import PostgresServer, RabbitBroker
+from tests.harness.docker import DockerEngine, StandIns, build_standins
+from tests.harness.rabbit_container import RabbitContainer
 
 _KEEP = os.environ.get("KEEP_TEST_SERVICES") == "1"
+
+
+# The broker matrix: a test or module marked `both_brokers` runs once against the native broker
+# (Debian's rabbitmq-server of this machine: 3.10 on Debian 12, 4.x on Debian 13) and once
+# against RabbitMQ 4 in the rabbitmq:4-management stand-in image, run as docker compose runs it.
+BROKERS = ("native", "rabbitmq4")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "rabbit" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_brokers"):
+        metafunc.parametrize("broker_kind", BROKERS, indirect=True)
+
+
+@pytest.fixture
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "native"))
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +45,27 @@ def rabbit_server() -> Iterator[RabbitBroker]:
         broker.close()
 
 
+@pytest.fixture(scope="session")
+def rabbit4_server(docker_engine: DockerEngine, standins: StandIns) -> Iterator[RabbitBroker]:
+    """RabbitMQ 4 in the stand-in rabbitmq:4-management image, run as docker compose runs it."""
+    broker = RabbitContainer(docker_engine, image=standins.tags["rabbitmq"], keep=_KEEP)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.close()
+
+
 @pytest.fixture
-def rabbit(rabbit_server: RabbitBroker) -> Iterator[RabbitBroker]:
+def rabbit(request: pytest.FixtureRequest, broker_kind: str) -> Iterator[RabbitBroker]:
     """The session broker, running and with empty queues, even if an earlier test killed it."""
-    rabbit_server.start()
-    rabbit_server.purge("readings", "node-status", "readings.dead", "node-status.dead")
-    yield rabbit_server
-    rabbit_server.start()
+    server: RabbitBroker = request.getfixturevalue(
+        "rabbit_server" if broker_kind == "native" else "rabbit4_server"
+    )
+    server.start()
+    server.purge("readings", "node-status", "readings.dead", "node-status.dead")
+    yield server
+    server.start()
 
 
 @dataclass(frozen=True)
@@ -86,3 +118,31 @@ def database(postgres: PostgresServer) -> Iterator[Database]:
     )
     postgres.start()
     postgres.drop_database(name)
+
+
+# --- Docker: a private engine and the stand-in images -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """A private dockerd for the session (root only: CI runs as root), stopped afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("a private Docker Engine needs root (CI runs the tests as root)")
+    engine = DockerEngine(keep=_KEEP)
+    try:
+        engine.start()
+        print(f"private dockerd up in {engine.start_seconds:.1f} s")
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="session")
+def standins(docker_engine: DockerEngine) -> StandIns:
+    """rabbitmq:4-management, postgres:17 and python:3.12-slim built from Debian 13 packages."""
+    built = build_standins(docker_engine)
+    print(
+        "stand-in images: "
+        + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in built.seconds.items())
+    )
+    return built

@@ -2,6 +2,12 @@
 # Sourced by tests/run.sh and tests/demo.sh: installs what a fresh Debian 12 or 13 machine lacks
 # (as root), and .venv with the pinned Python dependencies (again only when a requirement file
 # changed). As non-root it says exactly what to install.
+#
+# Docker: the tests start their own dockerd (Debian's docker.io) on a private socket and need
+# Compose v2 as a CLI plugin. Debian 13 packages it as docker-compose; Debian 12's package of
+# that name is Compose v1, so there the plugin is fetched from the Debian 13 suite through a
+# private apt configuration (the machine's apt sources are not changed) and installed into
+# /usr/local/lib/docker/cli-plugins/.
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -10,7 +16,7 @@ PYTHON=${PYTHON:-python3}
 
 say() { printf '==> %s\n' "$*"; }
 
-APT_PACKAGES=(rabbitmq-server postgresql python3-venv openssl debootstrap systemd)
+APT_PACKAGES=(rabbitmq-server postgresql python3-venv openssl debootstrap systemd docker.io iproute2)
 missing=()
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
@@ -18,6 +24,8 @@ compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgres
 command -v openssl >/dev/null || missing+=(openssl)
 command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] || missing+=(docker.io)
+command -v ip >/dev/null || missing+=(iproute2)
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     echo "$PYTHON is older than 3.11; install Python 3.11 or newer" >&2
     exit 1
@@ -33,6 +41,53 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Compose v2 as a docker CLI plugin (see the header).
+COMPOSE_PLUGIN_DIR=/usr/local/lib/docker/cli-plugins
+install_compose_plugin() {
+    local release work mirror
+    release=$(. /etc/os-release && echo "${VERSION_ID%%.*}")
+    if [ "${release:-0}" -ge 13 ] 2>/dev/null; then
+        say "installing docker-compose (Compose v2)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose
+        return
+    fi
+    say "installing Compose v2 from Debian 13's docker-compose package into $COMPOSE_PLUGIN_DIR"
+    mirror=${TEMPMON_DEBIAN_MIRROR:-$(sed -n 's#^URIs:[[:space:]]*\(.*/debian\)/\{0,1\}[[:space:]]*$#\1#p' \
+        /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)}
+    mirror=${mirror:-http://deb.debian.org/debian}
+    work=$(mktemp -d)
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/parts" "$work/prefs"
+    printf 'deb %s trixie main\n' "$mirror" > "$work/sources.list"
+    : > "$work/status"
+    printf '%s\n' \
+        "Dir::Etc::SourceList \"$work/sources.list\";" \
+        "Dir::Etc::SourceParts \"$work/parts\";" \
+        "Dir::Etc::Parts \"$work/parts\";" \
+        "Dir::Etc::Preferences \"$work/prefs/none\";" \
+        "Dir::Etc::PreferencesParts \"$work/prefs\";" \
+        "Dir::State::Lists \"$work/lists\";" \
+        "Dir::State::status \"$work/status\";" \
+        "Dir::Cache \"$work/cache\";" \
+        "APT::Sandbox::User \"root\";" > "$work/apt.conf"
+    (
+        cd "$work"
+        APT_CONFIG="$work/apt.conf" apt-get update -q >/dev/null
+        APT_CONFIG="$work/apt.conf" apt-get download -q docker-compose >/dev/null
+        dpkg-deb -x docker-compose_*.deb extracted
+        install -D -m 0755 extracted/usr/libexec/docker/cli-plugins/docker-compose \
+            "$COMPOSE_PLUGIN_DIR/docker-compose"
+    )
+    rm -rf "$work"
+}
+if ! docker compose version >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "docker compose (Compose v2) is missing; run tests/run.sh once as root to install it" >&2
+        exit 1
+    fi
+    install_compose_plugin
+    docker compose version
 fi
 
 stamp_source=$(cat constraints.txt tests/requirements.txt edge/pyproject.toml pipeline/pyproject.toml \

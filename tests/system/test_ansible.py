@@ -14,28 +14,30 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import RabbitBroker
+from tests.harness.debian import (
+    debian_root,
+    debootstrap_tarball,
+    dpkg_architecture,
+    host_suite,
+    in_root,
+)
 from tests.harness.procs import REPO
 
 ANSIBLE_DIR = REPO / "ansible"
 EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory" / "example"
 BIN = Path(sys.executable).parent
-CACHE_DIR = Path(os.environ.get("TEMPMON_DEBOOTSTRAP_CACHE", "/var/cache/tempmon-tests"))
 # python3-venv is left out on purpose: the role must install it (as on a fresh Pi OS Lite).
 DEBOOTSTRAP_INCLUDE = "python3,systemd,ca-certificates"
 PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
@@ -281,146 +283,10 @@ def test_gateway_role_gives_a_node_exactly_the_rights_of_users_sh(
 
 def _host_debian() -> tuple[str, str]:
     """(suite, architecture) of this Debian host."""
-    release = Path("/etc/os-release").read_text(encoding="utf-8")
-    fields = dict(re.findall(r'^(\w+)="?([^"\n]*)"?$', release, re.M))
-    if os.environ.get("TEMPMON_DEBOOTSTRAP_SUITE"):  # e.g. try the other Debian release
-        fields = {"ID": "debian", "VERSION_CODENAME": os.environ["TEMPMON_DEBOOTSTRAP_SUITE"]}
-    if fields.get("ID") != "debian" or not fields.get("VERSION_CODENAME"):
-        pytest.skip(
-            f"the chroot test bootstraps the host's Debian suite; this is {fields.get('ID')}"
-        )
-    arch = subprocess.run(
-        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    return fields["VERSION_CODENAME"], arch
-
-
-def _debian_mirror() -> str:
-    """The mirror this host's apt uses (it is reachable), unless TEMPMON_DEBIAN_MIRROR says."""
-    if os.environ.get("TEMPMON_DEBIAN_MIRROR"):
-        return os.environ["TEMPMON_DEBIAN_MIRROR"]
-    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for source in sources:
-        if source.suffix not in {".list", ".sources"} or not source.is_file():
-            continue
-        text = source.read_text(encoding="utf-8", errors="replace")
-        match = re.search(r"^URIs:\s*(\S+/debian)/?\s*$", text, re.M) or re.search(
-            r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+/debian)/?\s", text, re.M
-        )
-        if match:
-            return match.group(1)
-    return "http://deb.debian.org/debian"
-
-
-def _cached_root_tarball(suite: str, arch: str) -> Path:
-    """A freshly debootstrapped root as a tarball, made once and kept in the cache directory."""
-    key = hashlib.sha256(f"{suite} {arch} minbase {DEBOOTSTRAP_INCLUDE}".encode()).hexdigest()
-    tarball = CACHE_DIR / f"debian-{suite}-{arch}-minbase-{key[:12]}.tar.gz"
-    if tarball.is_file():
-        return tarball
-    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
-    if not Path(debootstrap).is_file():
-        raise RuntimeError("debootstrap is not installed: apt-get install debootstrap")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=CACHE_DIR))
-    try:
-        root = work / "root"
-        result = subprocess.run(
-            [
-                debootstrap,
-                "--variant=minbase",
-                f"--include={DEBOOTSTRAP_INCLUDE}",
-                f"--arch={arch}",
-                suite,
-                str(root),
-                _debian_mirror(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=1500,
-            check=False,
-        )
-        if result.returncode != 0:
-            log = root / "debootstrap" / "debootstrap.log"
-            detail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
-            raise RuntimeError(f"debootstrap failed:\n{result.stdout[-3000:]}{detail}")
-        partial = work / "root.tar.gz"
-        subprocess.run(
-            ["tar", "--numeric-owner", "-C", str(root), "-czf", str(partial), "."], check=True
-        )
-        partial.replace(tarball)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return tarball
-
-
-def _mounts_under(path: Path) -> list[str]:
-    prefix = str(path.resolve())
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines():
-        mount_point = line.split()[4].replace("\\040", " ")
-        if mount_point == prefix or mount_point.startswith(prefix + "/"):
-            found.append(mount_point)
-    return found
-
-
-@contextlib.contextmanager
-def _debian_root(tarball: Path, root: Path) -> Iterator[Path]:
-    """A fresh copy of the cached root with /proc and /sys mounted; unmounted and removed after.
-
-    /dev is not mounted: debootstrap made the device nodes apt and pip need (null, urandom...).
-    """
-    root.mkdir()
-    subprocess.run(["tar", "--numeric-owner", "-C", str(root), "-xzf", str(tarball)], check=True)
-    # The host's resolver and trust store: pip inside the root reaches PyPI the way this host
-    # does (through the same proxy CA, if there is one).
-    (root / "etc/resolv.conf").unlink(missing_ok=True)
-    shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")
-    shutil.copyfile(
-        "/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt"
-    )
-    # As in any chroot: packages must not start services.
-    policy = root / "usr/sbin/policy-rc.d"
-    policy.write_text("#!/bin/sh\nexit 101\n", encoding="utf-8")
-    policy.chmod(0o755)
-    mounted: list[Path] = []
-    try:
-        for fstype, target in (("proc", "proc"), ("sysfs", "sys")):
-            subprocess.run(
-                ["mount", "-t", fstype, "-o", "ro,nosuid,nodev,noexec", fstype, str(root / target)],
-                check=True,
-            )
-            mounted.append(root / target)
-        yield root
-    finally:
-        for mount_point in reversed(mounted):
-            if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
-                subprocess.run(["umount", "-l", str(mount_point)], check=False)
-        left = _mounts_under(root)
-        if left:
-            # Never delete through a mount point.
-            raise RuntimeError(f"could not unmount {left}; {root} is left in place")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _in_root(
-    root: Path,
-    *cmd: str,
-    userspec: str | None = None,
-    check: bool = True,
-) -> subprocess.CompletedProcess[str]:
-    prefix = ["chroot", *([f"--userspec={userspec}"] if userspec else []), str(root)]
-    result = subprocess.run(
-        [*prefix, *cmd],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-    )
-    if check:
-        assert result.returncode == 0, f"{' '.join(cmd)} in {root}:\n{result.stdout}{result.stderr}"
-    return result
+    suite = host_suite()
+    if suite is None:
+        pytest.skip("the chroot test bootstraps the host's Debian suite; this is not Debian")
+    return suite, dpkg_architecture()
 
 
 def _account(root: Path, db: str, name: str) -> list[str]:
@@ -478,7 +344,7 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("debootstrap, chroot and mount need root (CI runs as root)")
     suite, arch = _host_debian()
-    tarball = _cached_root_tarball(suite, arch)
+    tarball = debootstrap_tarball(suite, arch, DEBOOTSTRAP_INCLUDE)
     version = tomllib.loads((REPO / "edge/pyproject.toml").read_text(encoding="utf-8"))["project"][
         "version"
     ]
@@ -490,8 +356,8 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
     ca_file.write_text("-----BEGIN CERTIFICATE-----\nplaceholder\n-----END CERTIFICATE-----\n")
 
     with contextlib.ExitStack() as stack:
-        kitchen = stack.enter_context(_debian_root(tarball, tmp_path / "pi-kitchen"))
-        garage = stack.enter_context(_debian_root(tarball, tmp_path / "pi-garage"))
+        kitchen = stack.enter_context(debian_root(tarball, tmp_path / "pi-kitchen"))
+        garage = stack.enter_context(debian_root(tarball, tmp_path / "pi-garage"))
         # A Pi image has config.txt: Bookworm's place with a model filter last for pi-kitchen,
         # the older /boot/config.txt (the fallback) with a final [all] for pi-garage.
         (kitchen / "boot/firmware").mkdir(parents=True)
@@ -548,11 +414,11 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
         )
 
         for root, node in ((kitchen, "pi-kitchen"), (garage, "pi-garage")):
-            assert _in_root(root, "/opt/edge-agent/bin/edge-agent", "--version").stdout.strip() == (
+            assert in_root(root, "/opt/edge-agent/bin/edge-agent", "--version").stdout.strip() == (
                 f"edge-agent {version}"
             )
             # Installed with the repository's constraints.
-            paho = _in_root(
+            paho = in_root(
                 root,
                 "/opt/edge-agent/bin/python",
                 "-c",
@@ -580,7 +446,7 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
             assert (root / "etc/edge-agent/mqtt-password").read_text() == passwords[node]
 
             # The configuration, read by the agent's own parser as the service user.
-            probe = _in_root(
+            probe = in_root(
                 root,
                 "/opt/edge-agent/bin/python",
                 "-I",
@@ -610,11 +476,11 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
                 "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
             ):
                 assert f"\n{line}\n" in unit, line
-            verify = _in_root(
+            verify = in_root(
                 root, "systemd-analyze", "verify", "/etc/systemd/system/edge-agent.service"
             )
             assert verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
-            _in_root(
+            in_root(
                 root,
                 "systemd-analyze",
                 "security",
@@ -626,11 +492,11 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
             assert wants.is_symlink()
 
             if _mdwe_supported():
-                _in_root(root, "/opt/edge-agent/bin/python", "-c", MDWE_PROBE, MDWE_IMPORTS)
+                in_root(root, "/opt/edge-agent/bin/python", "-c", MDWE_PROBE, MDWE_IMPORTS)
 
         # pi-kitchen: DS18B20 only (no `pi` extra), TLS to port 8883 with the copied CA.
         kitchen_config = json.loads(
-            _in_root(kitchen, "/opt/edge-agent/bin/python", "-I", "-c", CONFIG_PROBE).stdout
+            in_root(kitchen, "/opt/edge-agent/bin/python", "-I", "-c", CONFIG_PROBE).stdout
         )
         assert kitchen_config["port"] == 8883
         assert kitchen_config["ca"] == "/etc/edge-agent/ca.pem"
@@ -640,28 +506,28 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
         ]
         assert kitchen_config["sensors"][0][4:] == [30.0, -0.2, 3]
         assert (kitchen / "etc/edge-agent/ca.pem").read_text() == ca_file.read_text()
-        no_extra = _in_root(
+        no_extra = in_root(
             kitchen, "/opt/edge-agent/bin/python", "-c", "import gpiozero", check=False
         )
         assert no_extra.returncode != 0, "gpiozero was installed without a DHT22, CPU or LED"
 
         # pi-garage: DHT22 + CPU + LED, so the `pi` extra and libgpiod; plain MQTT.
         garage_config = json.loads(
-            _in_root(garage, "/opt/edge-agent/bin/python", "-I", "-c", CONFIG_PROBE).stdout
+            in_root(garage, "/opt/edge-agent/bin/python", "-I", "-c", CONFIG_PROBE).stdout
         )
         assert garage_config["port"] == 1883
         assert garage_config["ca"] is None
         assert garage_config["led"] == 27
         assert [s[1] for s in garage_config["sensors"]] == ["dht22", "ds18b20", "cpu"]
         assert garage_config["sensors"][0][3] == 17
-        _in_root(garage, "/opt/edge-agent/bin/python", "-c", "import gpiozero, adafruit_dht")
+        in_root(garage, "/opt/edge-agent/bin/python", "-c", "import gpiozero, adafruit_dht")
         for name in ("gpiozero", "adafruit-circuitpython-dht"):
-            installed = _in_root(
+            installed = in_root(
                 garage,
                 "/opt/edge-agent/bin/python",
                 "-c",
                 f"import importlib.metadata as m; print(m.version({name!r}))",
             )
             assert installed.stdout.strip() == pins[name], name
-        libgpiod = _in_root(garage, "sh", "-c", "ls /usr/lib/*/libgpiod.so.*")
+        libgpiod = in_root(garage, "sh", "-c", "ls /usr/lib/*/libgpiod.so.*")
         assert "libgpiod.so" in libgpiod.stdout
