@@ -17,7 +17,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.harness import NodeCredentials, RabbitBroker
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.both_brokers]
 
 
 class MqttProbe:

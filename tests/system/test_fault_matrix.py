@@ -55,7 +55,8 @@ from tests.harness.agent_proc import AgentProcess, write_config
 from tests.harness.pipeline_proc import ConsumerProcess
 from tests.harness.procs import wait_for
 
-pytestmark = [pytest.mark.system, pytest.mark.slow]
+# Every fault runs against the native broker and against RabbitMQ 4 in its image.
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.both_brokers]
 
 NODES = ("fm-a", "fm-b", "fm-c")
 TWICE_NODE = "fm-twice"
@@ -75,6 +76,7 @@ _DISK_FULL = "cannot store them in the outbox"  # logged once per episode
 @dataclass
 class CaseResult:
     case: str
+    broker: str = "native"
     nodes: int = 0
     taken: int = 0
     stored: int = 0
@@ -87,7 +89,8 @@ class CaseResult:
 
     def line(self) -> str:
         return (
-            f"[{self.case}] nodes={self.nodes} taken={self.taken} stored={self.stored} "
+            f"[{self.case}] broker={self.broker} nodes={self.nodes} taken={self.taken} "
+            f"stored={self.stored} "
             f"dead={self.dead} duplicates_suppressed={self.duplicates} "
             f"lost_disk_full={self.lost_disk_full} seconds={self.seconds:.1f} "
             f"outcome={self.outcome} {'; '.join(self.notes)}"
@@ -96,6 +99,7 @@ class CaseResult:
 
 _COLUMNS = (
     "case",
+    "broker",
     "nodes",
     "taken",
     "stored",
@@ -112,6 +116,7 @@ def _table(results: list[CaseResult]) -> str:
     rows = [
         (
             r.case,
+            r.broker,
             str(r.nodes),
             str(r.taken),
             str(r.stored),
@@ -150,12 +155,22 @@ def matrix() -> Iterator[list[CaseResult]]:
 
 
 @pytest.fixture(scope="module")
-def node_creds(rabbit_server: RabbitBroker) -> dict[str, NodeCredentials]:
-    """The nodes' broker users, created once: users survive broker restarts and kills."""
-    rabbit_server.start()
-    nodes = (*NODES, TWICE_NODE, DISK_NODE)
-    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:  # rabbitmqctl is slow to start
-        return dict(zip(nodes, pool.map(rabbit_server.add_node, nodes), strict=True))
+def creds_by_broker() -> dict[int, dict[str, NodeCredentials]]:
+    return {}
+
+
+@pytest.fixture
+def node_creds(
+    rabbit: RabbitBroker, creds_by_broker: dict[int, dict[str, NodeCredentials]]
+) -> dict[str, NodeCredentials]:
+    """The nodes' broker users, created once per broker: users survive restarts and kills."""
+    if id(rabbit) not in creds_by_broker:
+        nodes = (*NODES, TWICE_NODE, DISK_NODE)
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:  # rabbitmqctl is slow to start
+            creds_by_broker[id(rabbit)] = dict(
+                zip(nodes, pool.map(rabbit.add_node, nodes), strict=True)
+            )
+    return creds_by_broker[id(rabbit)]
 
 
 # --- the chain ----------------------------------------------------------------------------------
@@ -619,24 +634,26 @@ def _tiny_disk(directory: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def servers(rabbit: RabbitBroker, database: Database) -> tuple[RabbitBroker, Database]:
-    """The running broker (queues purged) and a fresh, migrated database."""
-    return rabbit, database
+def servers(
+    rabbit: RabbitBroker, database: Database, broker_kind: str
+) -> tuple[RabbitBroker, Database, str]:
+    """The running broker (queues purged), which one it is, and a fresh, migrated database."""
+    return rabbit, database, broker_kind
 
 
 @pytest.mark.parametrize("case", _params())
 def test_fault(
     case: str,
-    servers: tuple[RabbitBroker, Database],
+    servers: tuple[RabbitBroker, Database, str],
     tmp_path: Path,
     node_creds: dict[str, NodeCredentials],
     matrix: list[CaseResult],
 ) -> None:
-    rabbit, database = servers
+    rabbit, database, broker_kind = servers
     fault = FAULTS[case]
     if fault.disk_full and os.geteuid() != 0:
         pytest.skip("filling a disk needs a tmpfs mount, and mounting needs root")
-    result = CaseResult(case)
+    result = CaseResult(case, broker=broker_kind)
     matrix.append(result)
     began = time.monotonic()
     chain = Chain(rabbit, database, tmp_path, node_creds, result)

@@ -39,7 +39,7 @@ from tests.harness import RabbitBroker
 from tests.harness.pipeline_proc import ConsumerProcess
 from tests.harness.procs import wait_for
 
-pytestmark = [pytest.mark.system, pytest.mark.slow]
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.both_brokers]
 
 VALID = 5000
 NODES = ("hv-0", "hv-1", "hv-2", "hv-3")

@@ -104,6 +104,7 @@ def test_stream_is_stored_once_and_acknowledged(
     assert "duplicates=" in consumer.log
 
 
+@pytest.mark.both_brokers
 def test_poison_is_dead_lettered_with_reason_and_the_next_reading_stored(
     rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
 ) -> None:
@@ -291,6 +292,7 @@ def _node(database: Database) -> dict[str, object] | None:
         return dict(zip([d.name for d in cur.description or []], row, strict=True))
 
 
+@pytest.mark.both_brokers
 def test_dead_letters_list_and_replay(
     rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
 ) -> None:

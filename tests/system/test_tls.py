@@ -17,7 +17,7 @@ from tests.harness import RabbitBroker
 from tests.harness.agent_proc import AgentProcess, write_config
 from tests.harness.procs import REPO, wait_for
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.both_brokers]
 
 
 @pytest.fixture
