@@ -1,27 +1,77 @@
-"""Is the system clock right? The kernel knows: adjtimex, as `timedatectl` asks it.
+"""Is the system clock right? Ask the kernel; inside systemd's sandbox, ask what systemd offers.
 
 A Raspberry Pi has no real-time clock. After a power cut without network it boots with the
 time fake-hwclock saved at shutdown (or 1970) and keeps it until NTP synchronises. The agent
-asks the kernel whether the clock is synchronised before it trusts a reading's time, and
-records CLOCK_BOOTTIME with every reading so a held reading's time can be corrected later.
+asks whether the clock is synchronised before it trusts a reading's time, and records
+CLOCK_BOOTTIME with every reading so a held reading's time can be corrected later.
+
+Where the answer comes from, in this order:
+
+1. The kernel, through a read-only ``adjtimex`` call, as ``timedatectl`` itself asks it. It is
+   authoritative whichever NTP daemon disciplines the clock (timesyncd, chrony, ntpd).
+2. The agent's systemd unit refuses that call: ``SystemCallFilter=@system-service`` leaves out
+   ``adjtimex`` and ``clock_adjtime`` (they are in ``@clock``, systemd 252), and
+   ``SystemCallErrorNumber=EPERM`` makes them fail with EPERM. The filter is for the life of the
+   process, so after the first refusal (EPERM, or ENOSYS where there is no such call) the
+   agent stops asking the kernel and asks what systemd offers an unprivileged, sandboxed
+   process:
+
+   a. systemd-timesyncd's flag file ``/run/systemd/timesync/synchronized``, which timesyncd
+      touches at every successful synchronisation (systemd-timesyncd.service(8); Raspberry Pi
+      OS uses timesyncd). /run is a tmpfs, so the file means "synchronised since this boot".
+      One ``stat`` per question.
+   b. ``timedatectl show --property=NTPSynchronized --value``: systemd-timedated answers over
+      D-Bus after asking the kernel with its own rights, so this works with chrony or ntpd as
+      well. It is a subprocess, so it runs with a short timeout and its answer is kept for a
+      few seconds: a reading never waits for it more than once in that time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import functools
+import logging
+import os
+import subprocess
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-__all__ = ["ClockSource", "KernelClock", "kernel_clock_synchronized"]
+__all__ = [
+    "RUN_DIR",
+    "TIMEDATECTL",
+    "TIMESYNC_FLAG",
+    "ClockSource",
+    "KernelClock",
+    "KernelTime",
+    "kernel_clock_synchronized",
+    "read_adjtimex",
+    "synchronized_from_timex",
+]
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = Path("/run")
+"""The runtime directory; tests point :class:`KernelClock` at a temp dir instead."""
+
+TIMESYNC_FLAG = Path("systemd/timesync/synchronized")
+"""systemd-timesyncd's flag file, relative to :data:`RUN_DIR`."""
+
+TIMEDATECTL: tuple[str, ...] = ("timedatectl",)
+"""The command that asks systemd-timedated; the agent appends its ``show`` arguments."""
 
 _STA_UNSYNC = 0x0040
 _TIME_ERROR = 5
 # systemd (timedatectl's "System clock synchronized") also calls a clock with an estimated
 # maximum error of 16 s or more unsynchronised.
 _MAX_ERROR_US = 16_000_000
+# A seccomp filter refuses with EPERM (systemd's SystemCallErrorNumber=EPERM); ENOSYS where the
+# call does not exist (a filter's default, or not Linux). Either is for the process's lifetime.
+_REFUSED = frozenset({errno.EPERM, errno.ENOSYS})
 
 
 class _Timeval(ctypes.Structure):
@@ -55,21 +105,61 @@ class _Timex(ctypes.Structure):
     ]
 
 
-def kernel_clock_synchronized() -> bool:
-    """True when the kernel says the clock is synchronised (read-only adjtimex call).
+class KernelTime(NamedTuple):
+    """What a read-only ``adjtimex`` call reports."""
 
-    Returns False where the call is unavailable (not Linux): the agent then holds readings
-    only if the configuration requires a synchronised clock.
+    state: int
+    """The return value: TIME_OK (0) ... TIME_ERROR (5)."""
+    status: int
+    """The STA_* bits."""
+    maxerror_us: int
+    """The kernel's estimate of the maximum error, in microseconds."""
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Once per process: find_library runs ldconfig, far too slow for every reading.
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name, use_errno=True)
+
+
+def read_adjtimex() -> KernelTime:
+    """Ask the kernel about its clock with ``adjtimex`` (modes 0: read, change nothing).
+
+    Raises:
+        OSError: the call failed; ``errno`` EPERM when a seccomp filter refuses it (systemd's
+            ``SystemCallFilter=@system-service``), ENOSYS where there is no such call (not
+            Linux, or no C library found).
     """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+    try:
+        adjtimex = _libc().adjtimex
+    except (OSError, AttributeError):
+        raise OSError(errno.ENOSYS, "adjtimex is not available here") from None
+    timex = _Timex()
+    state = int(adjtimex(ctypes.byref(timex)))
+    if state < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"adjtimex: {os.strerror(code)}")
+    return KernelTime(state, int(timex.status), int(timex.maxerror))
+
+
+def synchronized_from_timex(kernel: KernelTime) -> bool:
+    """The kernel's answer as timedatectl reads it: synchronised, with a bounded error."""
+    if kernel.state == _TIME_ERROR:
         return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    timex = _Timex()  # modes = 0: read, change nothing
-    state = libc.adjtimex(ctypes.byref(timex))
-    if state < 0 or state == _TIME_ERROR:
+    return not (kernel.status & _STA_UNSYNC) and kernel.maxerror_us < _MAX_ERROR_US
+
+
+def kernel_clock_synchronized(adjtimex: Callable[[], KernelTime] = read_adjtimex) -> bool:
+    """True when the kernel says the clock is synchronised.
+
+    False when the kernel cannot be asked (a seccomp filter, or not Linux): use
+    :class:`KernelClock`, which then asks systemd instead.
+    """
+    try:
+        return synchronized_from_timex(adjtimex())
+    except OSError:
         return False
-    return not (timex.status & _STA_UNSYNC) and timex.maxerror < _MAX_ERROR_US
 
 
 class ClockSource(Protocol):
@@ -79,14 +169,168 @@ class ClockSource(Protocol):
     def boot_id(self) -> str: ...
 
 
-@dataclass
 class KernelClock:
-    """The real clocks. ``assume_synced`` skips the kernel check (simulator on a laptop)."""
+    """The real clocks, and whether the wall clock is synchronised (see the module's docstring).
 
-    assume_synced: bool = False
+    ``assume_synced`` skips every check (the simulator on a laptop). ``run_dir`` and
+    ``timedatectl`` say where systemd-timesyncd's flag file lives and how to run timedatectl;
+    ``adjtimex`` is the kernel call. Tests replace them; the defaults are the real ones.
+    ``synchronized()`` is called for every reading from several threads: it is cheap and
+    thread-safe, and at most one thread at a time waits for timedatectl.
+
+    Raises:
+        ValueError: ``timedatectl_timeout_s`` is not positive, ``cache_s`` is negative, or
+            ``timedatectl`` is empty.
+    """
+
+    def __init__(
+        self,
+        *,
+        assume_synced: bool = False,
+        run_dir: Path = RUN_DIR,
+        timedatectl: Sequence[str] = TIMEDATECTL,
+        timedatectl_timeout_s: float = 3.0,
+        cache_s: float = 5.0,
+        adjtimex: Callable[[], KernelTime] = read_adjtimex,
+    ) -> None:
+        if not timedatectl_timeout_s > 0:
+            raise ValueError(f"timedatectl_timeout_s must be positive, not {timedatectl_timeout_s}")
+        if not cache_s >= 0:
+            raise ValueError(f"cache_s must be 0 or more, not {cache_s}")
+        if not timedatectl:
+            raise ValueError("timedatectl must name a command")
+        self.assume_synced = assume_synced
+        self.run_dir = run_dir
+        self.timedatectl = tuple(timedatectl)
+        self.timedatectl_timeout_s = timedatectl_timeout_s
+        self.cache_s = cache_s
+        self._adjtimex = adjtimex
+        self._kernel_refused = False
+        self._source: str | None = None
+        self._timedatectl_failed = False
+        self._cached: tuple[float, bool] | None = None  # (monotonic time, answer)
+        self._asking = threading.Lock()  # one timedatectl at a time
+        self._state_lock = threading.Lock()
+
+    @property
+    def timesync_flag(self) -> Path:
+        return self.run_dir / TIMESYNC_FLAG
 
     def synchronized(self) -> bool:
-        return self.assume_synced or kernel_clock_synchronized()
+        if self.assume_synced:
+            return True
+        if not self._kernel_refused:
+            try:
+                return synchronized_from_timex(self._adjtimex())
+            except OSError as exc:
+                if exc.errno not in _REFUSED:
+                    # Not a refusal (a read-only call should not fail otherwise): ask systemd
+                    # this time, and the kernel again next time.
+                    log.debug("adjtimex failed, asking systemd instead: %s", exc)
+                    return self._systemd_synchronized()
+                self._kernel_refused_by(exc)
+        return self._systemd_synchronized()
+
+    def _kernel_refused_by(self, exc: OSError) -> None:
+        with self._state_lock:
+            if self._kernel_refused:
+                return
+            self._kernel_refused = True
+        log.info(
+            "the kernel refuses adjtimex (%s: a seccomp filter such as the unit's "
+            "SystemCallFilter=@system-service): the clock check asks systemd instead, first "
+            "%s (systemd-timesyncd), then `%s show --property=NTPSynchronized`",
+            errno.errorcode.get(exc.errno or 0, exc.errno),
+            self.timesync_flag,
+            " ".join(self.timedatectl),
+        )
+
+    def _systemd_synchronized(self) -> bool:
+        # os.path.exists, not Path.exists: a directory we may not search counts as no flag
+        # instead of raising into a sampler thread.
+        if os.path.exists(self.timesync_flag):  # noqa: PTH110
+            self._note_source("timesyncd")
+            return True
+        self._note_source("timedatectl")
+        return self._timedatectl_synchronized()
+
+    def _note_source(self, source: str) -> None:
+        # The source changes a few times in a process's life (timesyncd's flag file appears at
+        # its first sync), so this logs rarely, never per reading.
+        if source == self._source:
+            return
+        with self._state_lock:
+            if source == self._source:
+                return
+            self._source = source
+        where = (
+            f"{self.timesync_flag} is present"
+            if source == "timesyncd"
+            else f"no {self.timesync_flag}, so timedatectl decides"
+        )
+        log.info("clock check source=%s (%s)", source, where)
+
+    def _timedatectl_synchronized(self) -> bool:
+        cached = self._cached
+        if cached is not None:
+            taken, answer = cached
+            if time.monotonic() - taken < self.cache_s:
+                return answer
+            if not self._asking.acquire(blocking=False):
+                # Another thread is asking right now and its answer is due shortly: this
+                # reading takes the previous answer rather than wait.
+                return answer
+        else:
+            self._asking.acquire()
+        try:
+            cached = self._cached
+            if cached is not None and time.monotonic() - cached[0] < self.cache_s:
+                return cached[1]
+            answer = self._ask_timedatectl()
+            self._cached = (time.monotonic(), answer)
+            return answer
+        finally:
+            self._asking.release()
+
+    def _ask_timedatectl(self) -> bool:
+        """systemd-timedated's NTPSynchronized, or False when it cannot be had.
+
+        Anything but a clean ``yes`` counts as not synchronised: readings are then held,
+        which is safe, rather than sent with a wrong time.
+        """
+        argv = [*self.timedatectl, "show", "--property=NTPSynchronized", "--value"]
+        try:
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=self.timedatectl_timeout_s,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            problem = f"no answer within {self.timedatectl_timeout_s:g} s"
+        except OSError as exc:
+            problem = f"cannot run {argv[0]}: {exc.strerror or exc}"
+        else:
+            answer = done.stdout.strip()
+            if done.returncode == 0 and answer in ("yes", "no"):
+                self._timedatectl_failed = False
+                return answer == "yes"
+            detail = (done.stderr.strip() or done.stdout.strip())[:200]
+            problem = f"exit status {done.returncode}: {detail!r}"
+        if not self._timedatectl_failed:
+            self._timedatectl_failed = True
+            log.warning(
+                "cannot tell whether the clock is synchronised: `%s` failed (%s); readings "
+                "are held until it answers yes or %s appears",
+                " ".join(argv),
+                problem,
+                self.timesync_flag,
+            )
+        else:
+            log.debug("timedatectl failed again: %s", problem)
+        return False
 
     def wall(self) -> float:
         return time.time()
