@@ -13,6 +13,18 @@ down and boots again) while the broker is down must keep the outbox: every seque
 agent handed out arrives. D-Bus is added to the root (Raspberry Pi OS has it; a minimal Debian
 has not), so that timedatectl works as on a Pi.
 
+The unit's sandbox is checked as systemd applies it (``systemctl show``) and from inside, by a
+copy of the unit that runs a probe instead of the agent: other users' processes are invisible
+(``ProtectProc=invisible``); /proc holds nothing but processes (``ProcSubset=pid``: no
+/proc/cpuinfo, no /proc/sys), yet the agent knows the boot id (the unit passes it) and its clock
+check still works; calls of ``@privileged`` and ``@resources`` fail with EPERM; IP traffic is
+allowed to the broker and localhost only (``IPAddressDeny=any``, ``IPAddressAllow=``). systemd
+enforces that last one with a BPF program on the unit's directory in a cgroup2 hierarchy. On a
+cgroup v1 host the container's systemd 252 runs its hybrid layout, whose cgroup2 hierarchy is
+enough: a datagram to an address off the list fails with EPERM, and the same copy of the unit
+without the two lines sends it. Only under the legacy layout (no cgroup2 at all; not this
+test's) would the list go unenforced, silently; the test then says it proved nothing about it.
+
 The container is not privileged: it gets CAP_SYS_ADMIN (systemd mounts its cgroup hierarchy and
 the unit's sandbox needs mount namespaces) and Docker's default seccomp profile, but not
 CAP_SYS_TIME, so nothing in it can set the host's clock; /proc/sys and /sys stay read-only,
@@ -26,6 +38,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -76,9 +89,9 @@ print(json.dumps([one("SELECT count(*) FROM outbox"),
 """
 
 # Run as a copy of the agent's unit (its own sandbox, its own user): what adjtimex does there,
-# and what the installed agent's clock check answers.
+# what the installed agent's clock check answers, and what else the sandbox allows.
 CLOCK_PROBE = """
-import ctypes, errno, json, subprocess
+import ctypes, errno, json, os, socket, subprocess, tempfile
 from edge_agent.clock import KernelClock
 timedatectl = subprocess.run(["timedatectl", "show", "--property=NTPSynchronized", "--value"],
                              capture_output=True, text=True, timeout=30)
@@ -87,13 +100,45 @@ libc = ctypes.CDLL(None, use_errno=True)
 state = libc.adjtimex(timex)
 status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines()
               if ":\\t" in line)
+
+def attempt(call):
+    try:
+        call()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return "ok"
+
+def connect(address, port):
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
+        sock.settimeout(5)
+        return attempt(lambda: sock.connect((address, port)))
+
+def send_udp(address, port):
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                       socket.SOCK_DGRAM) as sock:
+        return attempt(lambda: sock.sendto(b"probe", (address, port)))
+
+own_file = tempfile.NamedTemporaryFile()
 print("CLOCK-PROBE " + json.dumps({
     "adjtimex": errno.errorcode[ctypes.get_errno()] if state < 0 else state,
     "synchronized": KernelClock().synchronized(),
+    "boot_id": KernelClock().boot_id(),
     "seccomp": status["Seccomp"].strip(),
     "no_new_privs": status["NoNewPrivs"].strip(),
     "cap_eff": status["CapEff"].strip(),
     "timedatectl": [timedatectl.returncode, (timedatectl.stdout + timedatectl.stderr).strip()],
+    "exists": {path: os.path.exists(path) for path in (
+        "/proc/self/status", "/proc/1", "/proc/cpuinfo", "/proc/device-tree",
+        "/proc/sys/kernel/random/boot_id", "/sys/class", "/dev/null")},
+    # Harmless without the filter: an unprivileged process may do each of these to itself.
+    "setuid_to_self": attempt(lambda: os.setuid(os.getuid())),
+    "chown_own_file": attempt(lambda: os.chown(own_file.name, os.getuid(), os.getgid())),
+    "nice_plus_one": attempt(lambda: os.nice(1)),
+    "sched_setaffinity": attempt(lambda: os.sched_setaffinity(0, os.sched_getaffinity(0))),
+    "connect_broker": connect("127.0.0.1", int(os.environ["PROBE_BROKER_PORT"])),
+    # UDP: a datagram the unit's IP firewall drops fails at once with EPERM.
+    "udp_elsewhere": send_udp(os.environ["PROBE_ELSEWHERE"], 9)
+        if os.environ.get("PROBE_ELSEWHERE") else None,
 }))
 """
 
@@ -248,6 +293,84 @@ def _booted_pi(engine: DockerEngine, image: str) -> Iterator[Pi]:
         engine.docker("rm", "--force", "--volumes", name, check=False, timeout=120)
 
 
+def _probe_in_unit(
+    pi: Pi,
+    name: str,
+    unit_text: str,
+    env: dict[str, str | None],
+    *,
+    drop: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Run CLOCK_PROBE under a copy of the agent's unit; its JSON answer.
+
+    The copy differs only in its command (a oneshot of the probe instead of the agent), the
+    environment the probe needs, and the lines starting with one of ``drop``.
+    """
+    lines = []
+    for line in unit_text.splitlines():
+        if drop and line.startswith(drop):
+            continue
+        if line.startswith("Type="):
+            lines.append("Type=oneshot")
+        elif line.startswith("Restart="):
+            lines.append("Restart=no")
+        elif line.startswith("ExecStart="):
+            lines.append("ExecStart=/opt/edge-agent/bin/python -I /usr/local/lib/clock-probe.py")
+            lines.extend(f"Environment={key}={value or ''}" for key, value in env.items())
+        else:
+            lines.append(line)
+    pi.write(f"/etc/systemd/system/{name}.service", "\n".join(lines) + "\n")
+    pi.run("systemctl", "daemon-reload")
+    pi.run("systemctl", "start", f"{name}.service")
+    assert pi.show(f"{name}.service", "Result")["Result"] == "success", pi.journal(
+        f"{name}.service"
+    )
+    answer: dict[str, Any] = {}
+
+    def answered() -> bool:
+        out = pi.out("journalctl", "-u", f"{name}.service", "-o", "cat")
+        found = [ln for ln in out.splitlines() if ln.startswith("CLOCK-PROBE ")]
+        if found:
+            answer.update(json.loads(found[-1].removeprefix("CLOCK-PROBE ")))
+        return bool(found)
+
+    wait_for(f"the output of {name}.service in the journal", answered, 10, interval=0.2)
+    return answer
+
+
+def _non_loopback_address() -> str | None:
+    """An address of this machine that is not loopback (the container shares its network).
+
+    Nothing listens on it at port 9, so a connection there is refused by the kernel when it is
+    allowed, and fails with EPERM when the unit's IP allow-list is enforced. None when there is
+    no route off loopback.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # a UDP connect sends nothing; it picks the source
+        except OSError:
+            return None
+        address = str(sock.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+def _cgroup_layout(pi: Pi) -> str:
+    """The container's systemd cgroup layout: ``unified`` (v2), ``hybrid`` or ``legacy`` (v1).
+
+    systemd 252 enforces IPAddressDeny=/IPAddressAllow= with a BPF program attached to the
+    unit's directory in a cgroup2 hierarchy: the unified layout's, or the hybrid layout's
+    /sys/fs/cgroup/unified, which systemd mounts on a cgroup v1 host too (this test's case).
+    Under the legacy layout there is no cgroup2 hierarchy, and systemd 252 runs the unit
+    without the allow-list and without a word at its default log level (tried by hand on this
+    machine, with ``systemd.legacy_systemd_cgroup_controller=1``: a datagram the list forbids
+    was sent).
+    """
+    if pi.out("stat", "-fc", "%T", "/sys/fs/cgroup") == "cgroup2fs":
+        return "unified"
+    hybrid = pi.run("test", "-d", "/sys/fs/cgroup/unified/system.slice", check=False)
+    return "hybrid" if hybrid.returncode == 0 else "legacy"
+
+
 def _ts(reading: dict[str, object]) -> float:
     return datetime.fromisoformat(str(reading["ts"])).timestamp()
 
@@ -384,49 +507,53 @@ def test_the_pi_unit_sends_at_once_and_keeps_its_outbox(
                 "SystemCallErrorNumber",
                 "InvocationID",
                 "UnitFileState",
+                "ProtectProc",
+                "ProcSubset",
+                "PrivateMounts",
+                "RemoveIPC",
+                "IPAddressDeny",
+                "IPAddressAllow",
+                "Environment",
             )
+            print(f"{UNIT}: {unit}")
             assert (unit["ActiveState"], unit["SubState"]) == ("active", "running"), unit
             assert unit["UnitFileState"] == "enabled"
             assert unit["User"] == "edge-agent"
             assert unit["NoNewPrivileges"] == "yes"
             assert unit["ProtectSystem"] == "strict"
+            # Simulated sensors only: no library needs /proc/cpuinfo or /proc/device-tree.
+            assert (unit["ProtectProc"], unit["ProcSubset"]) == ("invisible", "pid"), unit
+            assert (unit["PrivateMounts"], unit["RemoveIPC"]) == ("yes", "yes"), unit
+            # The broker is an IP literal (127.0.0.1) here, so the unit has an allow-list.
+            assert set(unit["IPAddressDeny"].split()) == {"0.0.0.0/0", "::/0"}, unit
+            assert (
+                {"127.0.0.0/8", "::1/128", "127.0.0.1/32"}
+                >= set(unit["IPAddressAllow"].split())
+                >= {"127.0.0.0/8", "::1/128"}
+            ), unit
+            boot_id = pi.out("cat", "/proc/sys/kernel/random/boot_id")
+            assert f"EDGE_BOOT_ID={boot_id.replace('-', '')}" in unit["Environment"], unit
             allowed = set(unit["SystemCallFilter"].split())
             assert {"read", "write", "openat", "connect"} <= allowed, unit["SystemCallFilter"]
             assert not allowed & {"adjtimex", "clock_adjtime", "settimeofday"}, "@clock allowed"
+            # ~@privileged @resources: gone from the allow-list, whatever @system-service has.
+            refused = {"setuid", "setgroups", "chown", "fchownat", "chroot", "bpf", "capset"}
+            refused |= {"setpriority", "sched_setaffinity", "sched_setscheduler", "setrlimit"}
+            assert not allowed & refused, sorted(allowed & refused)
             assert unit["SystemCallErrorNumber"] in ("1", "EPERM")
             status = pi.out("cat", f"/proc/{unit['MainPID']}/status")
             assert "\nSeccomp:\t2\n" in status, status
             assert "\nNoNewPrivs:\t1\n" in status, status
             assert "\nCapEff:\t0000000000000000\n" in status, status
 
-            # A copy of the unit with only its command changed: adjtimex refused for real.
+            # A copy of the unit with only its command changed (and where the probe connects
+            # to): adjtimex refused for real, and the rest of the sandbox tried from inside.
             unit_text = pi.out("cat", f"/etc/systemd/system/{UNIT}")
-            probe_unit = "\n".join(
-                "Type=oneshot"
-                if line.startswith("Type=")
-                else "Restart=no"
-                if line.startswith("Restart=")
-                else "ExecStart=/opt/edge-agent/bin/python -I /usr/local/lib/clock-probe.py"
-                if line.startswith("ExecStart=")
-                else line
-                for line in unit_text.splitlines()
-            )
-            assert probe_unit.count("SystemCallFilter=@system-service") == 1
+            assert unit_text.count("SystemCallFilter=@system-service") == 1
             pi.write("/usr/local/lib/clock-probe.py", CLOCK_PROBE)
-            pi.write("/etc/systemd/system/clock-probe.service", probe_unit + "\n")
-            pi.run("systemctl", "daemon-reload")
-            pi.run("systemctl", "start", "clock-probe.service")
-            assert pi.show("clock-probe.service", "Result")["Result"] == "success"
-            probe: dict[str, Any] = {}
-
-            def probed() -> bool:
-                lines = pi.out("journalctl", "-u", "clock-probe.service", "-o", "cat")
-                found = [ln for ln in lines.splitlines() if ln.startswith("CLOCK-PROBE ")]
-                if found:
-                    probe.update(json.loads(found[-1].removeprefix("CLOCK-PROBE ")))
-                return bool(found)
-
-            wait_for("the clock probe's output in the journal", probed, 10, interval=0.2)
+            elsewhere = _non_loopback_address()
+            probe_env = {"PROBE_BROKER_PORT": str(rabbit.mqtt_port), "PROBE_ELSEWHERE": elsewhere}
+            probe = _probe_in_unit(pi, "clock-probe", unit_text, probe_env)
             print(f"in a copy of {UNIT}: {probe}")
             assert probe["adjtimex"] == "EPERM", probe
             assert (probe["seccomp"], probe["no_new_privs"]) == ("2", "1"), probe
@@ -441,6 +568,43 @@ def test_the_pi_unit_sends_at_once_and_keeps_its_outbox(
             state, status_bits, maxerror = json.loads(pi.out("python3", "-c", ADJTIMEX_OUTSIDE))
             kernel_synced = state != 5 and not status_bits & 0x40 and maxerror < 16_000_000
             assert timedatectl_answer == ("yes" if kernel_synced else "no"), probe
+
+            # /proc: only processes, only its own user's (ProtectProc=invisible, ProcSubset=pid).
+            assert probe["exists"] == {
+                "/proc/self/status": True,
+                "/proc/1": False,  # systemd, root's
+                "/proc/cpuinfo": False,
+                "/proc/device-tree": False,
+                "/proc/sys/kernel/random/boot_id": False,
+                "/sys/class": True,  # sysfs is untouched: DS18B20s and thermal zones stay there
+                "/dev/null": True,
+            }, probe
+            # ... and yet the agent knows the boot id, from EDGE_BOOT_ID=%b.
+            assert probe["boot_id"] == boot_id, probe
+            # ~@privileged and ~@resources: EPERM for things any user may do to itself.
+            for call in ("setuid_to_self", "chown_own_file", "nice_plus_one", "sched_setaffinity"):
+                assert probe[call] == "EPERM", (call, probe)
+            # IP: the broker (127.0.0.1, and localhost) is allowed; anything else is refused
+            # where systemd can attach its BPF firewall, that is with a cgroup2 hierarchy
+            # (see _cgroup_layout). The control, a copy without IPAddressDeny=/IPAddressAllow=,
+            # shows that it is the allow-list, not the rest of the sandbox, that refuses.
+            assert probe["connect_broker"] == "ok", probe
+            layout = _cgroup_layout(pi)
+            print(f"cgroup layout {layout}; UDP to {elsewhere}: {probe['udp_elsewhere']}")
+            if elsewhere is None:
+                print("NOT PROVEN HERE: no address off loopback to try the IP allow-list with")
+            elif layout in ("unified", "hybrid"):
+                assert probe["udp_elsewhere"] == "EPERM", (layout, probe)
+                control = _probe_in_unit(
+                    pi, "ip-control-probe", unit_text, probe_env, drop=("IPAddress",)
+                )
+                assert control["udp_elsewhere"] == "ok", control
+            else:
+                assert probe["udp_elsewhere"] == "ok", (layout, probe)
+                print(
+                    "NOT PROVEN HERE: the unit has IPAddressDeny=any and IPAddressAllow=, but "
+                    "systemd cannot enforce them under the legacy cgroup layout"
+                )
 
             # --- the outbox survives a restart of the unit and a reboot -------------------
             # What is queued now stays there: the queue is durable, the messages persistent.

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.clock import (
+    BOOT_ID_ENV,
     TIMESYNC_FLAG,
     KernelClock,
     KernelTime,
@@ -351,3 +352,56 @@ def test_under_a_real_seccomp_filter_the_flag_file_decides(tmp_path: Path) -> No
         pytest.skip("this kernel does not let a process install a seccomp filter")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == '{"refused": "EPERM", "before": false, "after": true}'
+
+
+# --- the boot id: the kernel's file, else what the unit passes (ProcSubset=pid hides /proc/sys) --
+
+KERNEL_BOOT_ID = "3f1c1e2a-9b7d-4c55-8e0f-6a2b9d4e7c10"
+
+
+def test_boot_id_from_the_kernel_file_wins(tmp_path: Path) -> None:
+    boot_file = tmp_path / "boot_id"
+    boot_file.write_text(KERNEL_BOOT_ID.upper() + "\n")
+    clock = KernelClock(boot_id_file=boot_file, environ={BOOT_ID_ENV: "0" * 32})
+    assert clock.boot_id() == KERNEL_BOOT_ID
+
+
+@pytest.mark.parametrize("passed", [KERNEL_BOOT_ID.replace("-", ""), KERNEL_BOOT_ID])
+def test_boot_id_from_the_unit_when_proc_sys_is_hidden(tmp_path: Path, passed: str) -> None:
+    """systemd's %b has no dashes; it still matches readings stored with the kernel's form."""
+    clock = KernelClock(boot_id_file=tmp_path / "hidden", environ={BOOT_ID_ENV: passed})
+    assert clock.boot_id() == KERNEL_BOOT_ID
+
+
+@pytest.mark.parametrize("environ", [{}, {BOOT_ID_ENV: "%b"}, {BOOT_ID_ENV: "yesterday"}])
+def test_boot_id_made_up_for_the_process_when_nobody_tells(
+    tmp_path: Path, environ: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Never one id shared by every boot: a reading of an earlier run must not be corrected."""
+    caplog.set_level(logging.WARNING, logger="edge_agent.clock")
+    first = KernelClock(boot_id_file=tmp_path / "hidden", environ=environ)
+    second = KernelClock(boot_id_file=tmp_path / "hidden", environ=environ)
+    ids = {first.boot_id() for _ in range(5)}
+    assert len(ids) == 1, "one id for the life of the process"
+    assert ids.pop().startswith("process-")
+    assert first.boot_id() != second.boot_id()
+    warnings = [r for r in caplog.records if "cannot tell which boot" in r.getMessage()]
+    assert len(warnings) == 2  # once per clock, not per reading
+
+
+def test_boot_id_of_this_machine() -> None:
+    boot_file = Path("/proc/sys/kernel/random/boot_id")
+    if not boot_file.exists():
+        pytest.skip("no /proc/sys/kernel/random/boot_id here (not Linux)")
+    assert KernelClock(environ={}).boot_id() == boot_file.read_text().strip()
+
+
+def test_boot_id_asked_from_many_threads_at_once(tmp_path: Path) -> None:
+    clock = KernelClock(boot_id_file=tmp_path / "hidden", environ={})
+    answers: list[str] = []
+    threads = [threading.Thread(target=lambda: answers.append(clock.boot_id())) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(answers)) == 1

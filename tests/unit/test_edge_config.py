@@ -56,6 +56,12 @@ def test_full_file(tmp_path: Path) -> None:
     assert config.sensors[0].offset_c == -0.25
     assert config.sensors[1].pin == 17
     assert config.clock.require_sync
+    assert config.mqtt.puback_timeout_s == 30.0  # the default
+
+
+def test_puback_timeout(tmp_path: Path) -> None:
+    text = GOOD.replace("[mqtt]", "[mqtt]\npuback_timeout_s = 2.5")
+    assert load_config(_write(tmp_path, text), {}).mqtt.puback_timeout_s == 2.5
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
@@ -92,6 +98,9 @@ def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
         (('host = "gateway.local"', 'hots = "x"'), r"unknown key\(s\) in \[mqtt\]: hots"),
         (('id = "cpu"', 'id = "porch"'), r"id 'porch' is used twice"),
         (("[mqtt]", "[mqtt]\nca_file = '/nonexistent/ca.pem'"), r"mqtt\.ca_file .* does not"),
+        (("[mqtt]", "[mqtt]\npuback_timeout_s = 0"), r"mqtt\.puback_timeout_s = 0 is outside"),
+        (("[mqtt]", '[mqtt]\npuback_timeout_s = "soon"'), r"mqtt\.puback_timeout_s = 'soon'"),
+        (("[mqtt]", "[mqtt]\npuback_timeout_s = 86400"), r"mqtt\.puback_timeout_s = 86400"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -120,3 +129,47 @@ def test_password_file(tmp_path: Path) -> None:
     secret.write_text("from-file\n")
     text = GOOD.replace('password = "s3cret"', f'password_file = "{secret}"')
     assert load_config(_write(tmp_path, text), {}).mqtt.password == "from-file"
+
+
+# --- secrets never leave in a repr() or an error message --------------------------------------
+
+
+def test_repr_of_the_configuration_hides_the_password(tmp_path: Path) -> None:
+    """A configuration printed in a log line or a traceback must not carry the password."""
+    config = load_config(_write(tmp_path, GOOD), {})
+    assert config.mqtt.password == "s3cret"
+    for shown in (repr(config.mqtt), str(config.mqtt), repr(config), str(config)):
+        assert "s3cret" not in shown
+        assert "password" not in shown
+    assert "pi-kitchen" in repr(config.mqtt)  # the rest is still there to debug with
+
+
+def test_repr_hides_a_password_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-a-file\n")
+    text = GOOD.replace('password = "s3cret"', f'password_file = "{secret}"')
+    assert "from-a-file" not in repr(load_config(_write(tmp_path, text), {}))
+    env = {"EDGE_MQTT_PASSWORD": "from-the-environment"}
+    assert "from-the-environment" not in repr(load_config(_write(tmp_path, GOOD), env))
+
+
+@pytest.mark.parametrize(
+    "value", ["123456", "123456.5", "true", "[123456]", "{ pin = 123456 }", "1979-05-27"]
+)
+def test_a_password_of_the_wrong_type_is_named_but_never_shown(tmp_path: Path, value: str) -> None:
+    """`password = 123456` is an integer in TOML: the error names the key and the type only."""
+    text = GOOD.replace('password = "s3cret"', f"password = {value}")
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, text), {})
+    message = str(caught.value)
+    assert "mqtt.password must be a string" in message
+    assert "123456" not in message
+    assert "1979" not in message
+    assert "True" not in message
+
+
+def test_an_unquoted_password_is_not_shown_in_the_toml_error(tmp_path: Path) -> None:
+    text = GOOD.replace('password = "s3cret"', "password = s3cret-unquoted")
+    with pytest.raises(ConfigError, match="not valid TOML") as caught:
+        load_config(_write(tmp_path, text), {})
+    assert "s3cret" not in str(caught.value)

@@ -8,7 +8,22 @@
   ``drain_rate_per_s`` and ``max_inflight`` unacknowledged publishes at a time, and deletes a
   row only when the broker's PUBACK for it arrives. A dropped connection is rebuilt with
   capped, jittered back-off; whatever was not acknowledged is sent again (the pipeline
-  ignores duplicates by the natural key).
+  ignores duplicates by the natural key). Each connection gets a new paho client, so the
+  outbox alone decides what is sent again, never paho's own queue of the old connection.
+* A PUBACK that does not come is as bad as a dropped connection. MQTT 3.1.1 has no negative
+  acknowledgement: RabbitMQ 4.x answers a publish its queue refuses (``overflow =
+  reject-publish`` on a full queue, or a memory or disk alarm) with silence and keeps the
+  connection open (3.10 closes it). The window would fill with publishes never acknowledged,
+  and paho resends them only on a reconnect. So when the oldest unacknowledged publish has
+  waited ``mqtt.puback_timeout_s``, the agent counts the episode (kept in the outbox, shown by
+  ``edge-agent status``), logs it once and ends the session; the reconnect loop's back-off,
+  not reset by such a session, keeps it from hammering a full queue.
+* The MQTT session is clean (``clean_session=True``): the broker keeps nothing for the agent
+  between connections, because the outbox already keeps everything not yet acknowledged. The
+  client id is ``<node>-<token>``, the token 128 random bits kept in the outbox
+  (:meth:`Outbox.client_token`): RabbitMQ closes an existing connection when another one
+  arrives with the same client id, whatever its user, so a client id another node could guess
+  would let that node knock this one off the broker and fire its Last Will.
 * On SIGTERM the samplers stop, the session flushes what it can for a few seconds, publishes
   its retained ``offline`` status and disconnects; nothing unacknowledged is lost, it stays
   in the outbox for the next start.
@@ -20,6 +35,8 @@ import contextlib
 import json
 import logging
 import random
+import re
+import secrets
 import ssl
 import threading
 import time
@@ -36,13 +53,37 @@ from edge_agent.clock import ClockSource, KernelClock
 from edge_agent.config import AgentConfig, SensorConfig
 from edge_agent.errors import ConfigError, EdgeError, SensorError
 from edge_agent.led import StatusLed
-from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.outbox import CLIENT_TOKEN_BYTES, Outbox, OutboxError
 from edge_agent.sensors import Calibrated, Sample, Sensor
 from edge_agent.wire import reading_payload, reading_topic, status_payload, status_topic
 
-__all__ = ["Agent", "Backoff", "build_sensor", "build_sensors"]
+__all__ = ["Agent", "Backoff", "build_sensor", "build_sensors", "mqtt_client_id"]
 
 log = logging.getLogger(__name__)
+
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TOKEN = re.compile(rf"[0-9a-f]{{{2 * CLIENT_TOKEN_BYTES}}}")
+
+
+def mqtt_client_id(node: str, token: str) -> str:
+    """The agent's MQTT client id: ``<node>-<token>``, at most 97 characters.
+
+    The node id keeps the connection recognisable in the broker's connection list; the token
+    (32 hex digits, 128 random bits, see :meth:`Outbox.client_token`) makes it impossible for
+    another node to guess, so nobody else's connection can take its place. RabbitMQ 3.10 and
+    4.x accept client ids of this length (MQTT 3.1.1 lets a server accept more than 23 bytes).
+
+    Raises:
+        ValueError: the node id is not 1-64 letters, digits, '_' or '-', or the token is not
+            32 lowercase hex digits (the message never shows the token).
+    """
+    if not _NODE_ID.fullmatch(node):
+        raise ValueError(f"node id {node!r} is not 1-64 letters, digits, '_' or '-'")
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(
+            f"the client-id token must be {2 * CLIENT_TOKEN_BYTES} lowercase hex digits"
+        )
+    return f"{node}-{token}"
 
 
 def build_sensor(config: SensorConfig, agent: AgentConfig) -> Sensor:
@@ -224,7 +265,13 @@ class Agent:
         outbox: Outbox | None = None,
         led: StatusLed | None = None,
         client_factory: Callable[[], mqtt.Client] | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
+        """Wire the agent; nothing connects or samples until :meth:`run` (or :meth:`step`).
+
+        ``client_factory`` makes the paho client of each session and ``backoff`` paces the
+        reconnects: tests hand in a fake broker's client and a short back-off.
+        """
         self.config = config
         self.node = config.node_id
         self.clock = clock or KernelClock(assume_synced=not config.clock.require_sync)
@@ -233,6 +280,7 @@ class Agent:
             max_rows=config.outbox.max_rows,
             max_age_s=config.outbox.max_age_days * 86400,
         )
+        self.client_id = self._client_id()
         self.sensors = list(sensors) if sensors is not None else build_sensors(config)
         intervals = {s.id: s.interval_s for s in config.sensors}
         self._intervals = [intervals.get(s.id, 30.0) for s in self.sensors]
@@ -246,13 +294,16 @@ class Agent:
         # session state, touched only by the main thread (paho callbacks run there too)
         self._client: mqtt.Client | None = None
         self.connected = False
-        self._inflight: dict[int, int] = {}  # mid -> seq
+        self._inflight: dict[int, int] = {}  # mid -> seq, readings of this session
         self._inflight_seqs: set[int] = set()
+        # mid -> when sent, every QoS 1 publish of this session (readings and status), oldest
+        # first: a dict keeps insertion order, and an acknowledgement only removes entries.
+        self._sent_at: dict[int, float] = {}
         self._acked: list[int] = []
         self._cursor = 0
         self._tokens = 0.0
         self._last_refill = time.monotonic()
-        self._backoff = Backoff()
+        self._backoff = backoff or Backoff()
         self._next_attempt = 0.0
         self._connected_since = 0.0
         self._last_heartbeat = 0.0
@@ -260,15 +311,38 @@ class Agent:
         self._last_bounds = 0.0
         self.published = 0
         self.acknowledged = 0
+        # sessions ended because PUBACKs were withheld, and the publishes left waiting in them
+        self.puback_timeouts = 0
+        self.puback_timeout_publishes = 0
+        self._puback_timeouts_unsaved: list[int] = []  # outstanding counts not yet in the outbox
         self._delete_failing = False
         self._disk_full_persisted = 0
 
     # -- MQTT client ---------------------------------------------------------------------------
+    def _client_id(self) -> str:
+        """``<node>-<token>`` with the outbox's token; a token for this run if it cannot be kept.
+
+        Without a stored token (a full disk at the very first start) the agent still must not
+        fall back to a guessable id: it uses a new random token until the next start, which
+        costs nothing but a changed client id (the session is clean).
+        """
+        try:
+            token = self.outbox.client_token()
+        except OutboxError as exc:
+            log.warning(
+                "cannot keep the MQTT client id in the outbox (%s): using a new random one "
+                "for this run",
+                exc,
+            )
+            token = secrets.token_hex(CLIENT_TOKEN_BYTES)
+        return mqtt_client_id(self.node, token)
+
     def _new_client(self) -> mqtt.Client:
         m = self.config.mqtt
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=self.node,
+            client_id=self.client_id,
+            # Clean: the outbox, not the broker, keeps what is unacknowledged (see above).
             clean_session=True,
             protocol=mqtt.MQTTv311,
             reconnect_on_failure=False,
@@ -291,9 +365,6 @@ class Agent:
             qos=1,
             retain=True,
         )
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
         return client
 
     def _on_connect(
@@ -314,6 +385,7 @@ class Agent:
         self._cursor = 0  # resend everything not yet acknowledged
         self._inflight.clear()
         self._inflight_seqs.clear()
+        self._sent_at.clear()
         log.info(
             "connected host=%s port=%d outbox_depth=%d",
             self.config.mqtt.host,
@@ -323,31 +395,117 @@ class Agent:
         self._publish_status()
 
     def _on_disconnect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
+        self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
     ) -> None:
+        if client is not self._client:  # a retired session's client closing: already handled
+            return
         self._lost(str(reason))
 
-    def _lost(self, reason: str) -> None:
+    def _lost(
+        self, reason: str, *, healthy_until: float | None = None, quiet: bool = False
+    ) -> float:
+        """End the session's bookkeeping and schedule the next connection; return its delay.
+
+        The paho client is retired with the session: the next connection gets a new one, so
+        the publishes paho still holds for the old connection are not sent a second time next
+        to the outbox's copies. The back-off resets only after a session that ran well for a
+        minute until ``healthy_until`` (default: now); a session that stalled on withheld
+        PUBACKs was not healthy from the moment its oldest unacknowledged publish was sent.
+        """
         was = self.connected
+        now = time.monotonic()
         self.connected = False
+        self._client = None
         self._inflight.clear()
         self._inflight_seqs.clear()
-        if time.monotonic() - self._connected_since > 60:
+        self._sent_at.clear()
+        healthy_for = (now if healthy_until is None else healthy_until) - self._connected_since
+        if was and healthy_for > 60:
             self._backoff.reset()
         delay = self._backoff.next()
-        self._next_attempt = time.monotonic() + delay
-        if was:
+        self._next_attempt = now + delay
+        if was and not quiet:
             log.warning("disconnected reason=%s retry_in_s=%.1f", reason, delay)
+        return delay
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _reason: ReasonCode, _p: Any) -> None:
+        self._sent_at.pop(mid, None)
         seq = self._inflight.pop(mid, None)
         if seq is not None:
             self._inflight_seqs.discard(seq)
             self._acked.append(seq)
 
+    def _check_pubacks(self) -> None:
+        """End the session when the oldest unacknowledged publish has waited too long.
+
+        No reading leaves the outbox here: the unacknowledged ones are simply sent again by
+        the next session (the pipeline drops the duplicates of any that did arrive).
+        """
+        if not self._sent_at:
+            return
+        oldest = next(iter(self._sent_at.values()))
+        waited = time.monotonic() - oldest
+        if waited < self.config.mqtt.puback_timeout_s:
+            return
+        outstanding = len(self._sent_at)
+        readings = len(self._inflight)
+        oldest_seq = next(iter(self._inflight.values()), None)
+        self.puback_timeouts += 1
+        self.puback_timeout_publishes += outstanding
+        self._puback_timeouts_unsaved.append(outstanding)
+        with contextlib.suppress(OutboxError):  # a full disk: housekeeping tries again
+            self._save_puback_timeouts()
+        client = self._client
+        delay = self._lost("puback timeout", healthy_until=oldest, quiet=True)
+        log.warning(
+            "broker withholding acknowledgements: no PUBACK for %.0f s (mqtt.puback_timeout_s"
+            "=%g) unacknowledged=%d readings=%d oldest_seq=%s puback_timeouts=%d: likely a "
+            "full queue (overflow reject-publish) or a broker alarm (memory or disk), check "
+            "the queue's length and `rabbitmq-diagnostics alarms` on the gateway; the readings "
+            "stay in the outbox and are sent again after reconnecting retry_in_s=%.1f",
+            waited,
+            self.config.mqtt.puback_timeout_s,
+            outstanding,
+            readings,
+            oldest_seq,
+            self.puback_timeouts,
+            delay,
+        )
+        if client is not None:
+            self._close_client(client)
+
+    @staticmethod
+    def _close_client(client: mqtt.Client) -> None:
+        """Disconnect a retired session's client, and be sure its socket is closed.
+
+        A DISCONNECT makes the broker discard the Last Will: the node is not offline, it is
+        only starting a new session. A broker that stopped reading (a memory alarm blocks
+        publishers) may never take the DISCONNECT; the socket is closed all the same, and the
+        broker then publishes the Last Will until the next session's ``online``.
+        """
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        with contextlib.suppress(Exception):
+            sock = client.socket()
+            if sock is not None:
+                sock.close()
+
+    def _save_puback_timeouts(self) -> None:
+        """Add the episodes not yet in the outbox to its totals (oldest first)."""
+        while self._puback_timeouts_unsaved:
+            self.outbox.count_puback_timeout(
+                self._puback_timeouts_unsaved[0], now_wall=self.clock.wall()
+            )
+            self._puback_timeouts_unsaved.pop(0)
+
     def _try_connect(self) -> None:
         if self._client is None:
+            # A new client for each session (see _lost); whatever the factory, the agent's
+            # own callbacks drive it.
             self._client = self._client_factory()
+            self._client.on_connect = self._on_connect
+            self._client.on_disconnect = self._on_disconnect
+            self._client.on_publish = self._on_publish
         m = self.config.mqtt
         try:
             self._client.connect(m.host, m.port, keepalive=m.keepalive_s)
@@ -415,12 +573,15 @@ class Agent:
         else:
             time.sleep(timeout)
         if self.connected:
+            self._check_pubacks()
+        if self.connected:
             self._drain()
         self._flush_acks()
         self._housekeeping()
 
     def _drain(self) -> None:
-        assert self._client is not None  # noqa: S101 - connected implies a client
+        client = self._client  # a failed write may end the session (and retire it) mid-batch
+        assert client is not None  # noqa: S101 - connected implies a client
         now = time.monotonic()
         rate = self.config.outbox.drain_rate_per_s
         self._tokens = min(rate, self._tokens + (now - self._last_refill) * rate)
@@ -444,9 +605,10 @@ class Agent:
                 humidity_pct=row.humidity_pct,
                 time_uncertain=row.uncertain,
             )
-            info = self._client.publish(reading_topic(self.node, row.sensor), payload, qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            info = client.publish(reading_topic(self.node, row.sensor), payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS or not self.connected:
                 break
+            self._sent_at[info.mid] = now
             self._inflight[info.mid] = row.seq
             self._inflight_seqs.add(row.seq)
             self._cursor = row.seq
@@ -482,6 +644,7 @@ class Agent:
                 self._resolve_clock()
                 self._update_led()
                 self._persist_disk_full()
+                self._save_puback_timeouts()
             if now - self._last_bounds >= 60.0:
                 self._last_bounds = now
                 dropped = self.outbox.enforce_bounds(self.clock.wall())
@@ -551,7 +714,9 @@ class Agent:
             return
         self._last_heartbeat = time.monotonic()
         payload = self._status("online")
-        self._client.publish(status_topic(self.node), payload, qos=1, retain=True)
+        info = self._client.publish(status_topic(self.node), payload, qos=1, retain=True)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS and self.connected:
+            self._sent_at[info.mid] = self._last_heartbeat
         with contextlib.suppress(EdgeError):
             self.outbox.set_meta("read_errors", json.dumps(self.counters.read_errors))
 
@@ -567,8 +732,9 @@ class Agent:
                 break
             self.step(0.02)
         self._flush_acks()
-        if self._client is not None and self.connected:
-            info = self._client.publish(
+        client = self._client  # a disconnect retires it from self._client (see _lost)
+        if client is not None and self.connected:
+            info = client.publish(
                 status_topic(self.node),
                 status_payload(node=self.node, state="offline"),
                 qos=1,
@@ -576,14 +742,17 @@ class Agent:
             )
             end = time.monotonic() + 2
             while not info.is_published() and time.monotonic() < end and self.connected:
-                self._client.loop(0.02)
-            self._client.disconnect()
-            self._client.loop(0.1)
+                client.loop(0.02)
+            client.disconnect()
+            client.loop(0.1)
+        with contextlib.suppress(OutboxError):
+            self._save_puback_timeouts()
         log.info(
-            "agent stopped published=%d acknowledged=%d left_in_outbox=%d",
+            "agent stopped published=%d acknowledged=%d left_in_outbox=%d puback_timeouts=%d",
             self.published,
             self.acknowledged,
             self.outbox.depth(),
+            self.puback_timeouts,
         )
         for sensor in self.sensors:
             with contextlib.suppress(Exception):

@@ -105,6 +105,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         last = outbox.meta("last_puback_at")
         errors = outbox.meta("read_errors")
         oldest = outbox.oldest_ts()
+        timeouts, timed_out_publishes = outbox.puback_timeouts()
+        last_timeout = outbox.meta("last_puback_timeout_at")
         status = {
             "node": config.node_id,
             "outbox": str(config.outbox.path),
@@ -116,6 +118,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
             else None,
             "dropped_total": outbox.dropped_total(),
             "read_errors": json.loads(errors) if isinstance(errors, str) else {},
+            # Sessions the agent ended because the broker withheld PUBACKs (a full queue or a
+            # broker alarm), and the publishes then waiting: sent again, not lost.
+            "puback_timeouts": timeouts,
+            "puback_timeout_publishes": timed_out_publishes,
+            "last_puback_timeout": utc_iso(float(last_timeout))
+            if isinstance(last_timeout, int | float)
+            else None,
         }
     if args.json:
         print(json.dumps(status, indent=2))
@@ -158,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="list the DS18B20 sensors on the 1-Wire bus")
     p.add_argument("--w1-root", type=Path, help="default: /sys/bus/w1/devices")
     p.set_defaults(func=_cmd_detect)
-    p = sub.add_parser("status", parents=[common], help="outbox depth, last publish, errors")
+    p = sub.add_parser(
+        "status", parents=[common], help="outbox depth, last publish, errors, PUBACK timeouts"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
     return parser

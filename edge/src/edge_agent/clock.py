@@ -24,6 +24,15 @@ Where the answer comes from, in this order:
       D-Bus after asking the kernel with its own rights, so this works with chrony or ntpd as
       well. It is a subprocess, so it runs with a short timeout and its answer is kept for a
       few seconds: a reading never waits for it more than once in that time.
+
+A held reading's time can be corrected from CLOCK_BOOTTIME only within the boot it was taken
+in, so each reading also records the kernel's boot id. The kernel tells it in
+``/proc/sys/kernel/random/boot_id``; the agent's unit hides /proc/sys (``ProcSubset=pid``), so
+the unit hands the same id over in ``$EDGE_BOOT_ID`` (``Environment=EDGE_BOOT_ID=%b``: systemd
+fills in the boot id when it loads the unit, and it loads it again at every boot). Without
+either, the agent makes up an id for its own lifetime: a reading it holds is then corrected
+within this run, and one left over from an earlier run is flagged ``time_uncertain`` instead
+of being given a time computed from another boot's clock.
 """
 
 from __future__ import annotations
@@ -37,11 +46,14 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
 __all__ = [
+    "BOOT_ID_ENV",
+    "BOOT_ID_FILE",
     "RUN_DIR",
     "TIMEDATECTL",
     "TIMESYNC_FLAG",
@@ -60,6 +72,12 @@ RUN_DIR = Path("/run")
 
 TIMESYNC_FLAG = Path("systemd/timesync/synchronized")
 """systemd-timesyncd's flag file, relative to :data:`RUN_DIR`."""
+
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+"""The kernel's id of the current boot (random(4)); hidden under the unit's ``ProcSubset=pid``."""
+
+BOOT_ID_ENV = "EDGE_BOOT_ID"
+"""The boot id as the unit passes it (``Environment=EDGE_BOOT_ID=%b``), when /proc/sys is hidden."""
 
 TIMEDATECTL: tuple[str, ...] = ("timedatectl",)
 """The command that asks systemd-timedated; the agent appends its ``show`` arguments."""
@@ -174,7 +192,8 @@ class KernelClock:
 
     ``assume_synced`` skips every check (the simulator on a laptop). ``run_dir`` and
     ``timedatectl`` say where systemd-timesyncd's flag file lives and how to run timedatectl;
-    ``adjtimex`` is the kernel call. Tests replace them; the defaults are the real ones.
+    ``adjtimex`` is the kernel call; ``boot_id_file`` and ``environ`` are where the boot id
+    comes from (see the module's docstring). Tests replace them; the defaults are the real ones.
     ``synchronized()`` is called for every reading from several threads: it is cheap and
     thread-safe, and at most one thread at a time waits for timedatectl.
 
@@ -192,6 +211,8 @@ class KernelClock:
         timedatectl_timeout_s: float = 3.0,
         cache_s: float = 5.0,
         adjtimex: Callable[[], KernelTime] = read_adjtimex,
+        boot_id_file: Path = BOOT_ID_FILE,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         if not timedatectl_timeout_s > 0:
             raise ValueError(f"timedatectl_timeout_s must be positive, not {timedatectl_timeout_s}")
@@ -205,6 +226,9 @@ class KernelClock:
         self.timedatectl_timeout_s = timedatectl_timeout_s
         self.cache_s = cache_s
         self._adjtimex = adjtimex
+        self._boot_id_file = boot_id_file
+        self._environ = os.environ if environ is None else environ
+        self._boot_id: str | None = None
         self._kernel_refused = False
         self._source: str | None = None
         self._timedatectl_failed = False
@@ -340,7 +364,34 @@ class KernelClock:
         return time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def boot_id(self) -> str:
+        """The id of this boot, read once (it cannot change while the process lives).
+
+        The kernel's file first, then ``$EDGE_BOOT_ID`` (both normalised to the kernel's
+        dashed form, so a reading held across an upgrade of the unit still matches), then an
+        id made up for this process (logged once as a warning). Never raises.
+        """
+        if self._boot_id is None:
+            with self._state_lock:  # sampler threads ask at once: one answer for all
+                if self._boot_id is None:
+                    self._boot_id = self._find_boot_id()
+        return self._boot_id
+
+    def _find_boot_id(self) -> str:
         try:
-            return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        except OSError:
-            return "unknown-boot"
+            return str(uuid.UUID(self._boot_id_file.read_text(encoding="ascii").strip()))
+        except (OSError, ValueError) as exc:  # ValueError: not a boot id (or not ASCII)
+            problem = f"{self._boot_id_file}: {getattr(exc, 'strerror', None) or exc}"
+        passed = self._environ.get(BOOT_ID_ENV, "").strip()
+        if passed:
+            try:
+                return str(uuid.UUID(passed))
+            except ValueError:
+                problem += f"; ${BOOT_ID_ENV} is not a boot id"
+        made_up = f"process-{uuid.uuid4()}"
+        log.warning(
+            "cannot tell which boot this is (%s): readings held for the clock are corrected "
+            "only within this run; those left from an earlier run are sent flagged "
+            "time_uncertain",
+            problem,
+        )
+        return made_up

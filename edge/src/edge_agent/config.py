@@ -1,7 +1,9 @@
 """The agent's configuration: one TOML file plus environment overrides, checked once at start.
 
 Every key is validated here, with errors that name the key and the value; nothing past this
-module sees raw configuration. Environment variables override file values:
+module sees raw configuration. A secret (the MQTT password) is the exception: an error names
+its key and the type it must have, never its value, and ``repr()`` of the configuration leaves
+it out, so it cannot reach a log line or a traceback. Environment variables override file values:
 
     EDGE_NODE_ID, EDGE_MQTT_HOST, EDGE_MQTT_PORT, EDGE_MQTT_USERNAME, EDGE_MQTT_PASSWORD,
     EDGE_MQTT_PASSWORD_FILE, EDGE_MQTT_TLS_CA_FILE, EDGE_MQTT_TLS_CERT_FILE,
@@ -42,15 +44,33 @@ KINDS = ("ds18b20", "dht22", "cpu", "simulated")
 
 @dataclass(frozen=True, kw_only=True)
 class MqttConfig:
+    """How the agent reaches the broker.
+
+    ``password`` is left out of ``repr()`` (and so of the ``repr()`` of :class:`AgentConfig`):
+    a configuration object printed in a log line or shown in a traceback must not carry it.
+
+    ``max_inflight`` (1..1000, default 100) bounds the publishes waiting for their PUBACK.
+
+    ``puback_timeout_s`` (1..3600 s, default 30) is how long the oldest of them may wait. MQTT
+    3.1.1 has no negative acknowledgement: RabbitMQ 4.x answers a publish its queue refuses
+    (a full queue with ``overflow = reject-publish``, or a broker alarm) with no PUBACK at all
+    and keeps the connection open, so without this limit the window fills and the agent waits
+    forever. Past it the agent ends the session, counts the episode (``edge-agent status``)
+    and reconnects with back-off, sending everything unacknowledged again from the outbox. Too
+    short a value on a slow link only costs reconnects and duplicates, which the pipeline
+    ignores.
+    """
+
     host: str = "localhost"
     port: int = 1883
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     keepalive_s: int = 60
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
     max_inflight: int = 100
+    puback_timeout_s: float = 30.0
 
     @property
     def tls(self) -> bool:
@@ -119,11 +139,21 @@ class _Section:
         self.used.add(key)
         return self.data.get(key)
 
-    def text(self, key: str, default: str | None = None) -> str | None:
+    def text(self, key: str, default: str | None = None, *, secret: bool = False) -> str | None:
+        """A string value; with ``secret``, an error names the key and the type, not the value.
+
+        Raises:
+            ConfigError: the value is not a string (``password = 123456`` is an integer in
+                TOML: it must be quoted).
+        """
         value = self._get(key)
         if value is None:
             return default
         if not isinstance(value, str):
+            if secret:
+                raise ConfigError(
+                    f"{self.key(key)} must be a string: put it in quotes (its value is not shown)"
+                )
             raise ConfigError(f"{self.key(key)} = {value!r} must be a string")
         return value
 
@@ -310,7 +340,7 @@ def _parse(raw: dict[str, Any], *, simulate: bool, from_file: bool) -> AgentConf
 
 
 def _parse_mqtt(t: _Section, node_id: str) -> MqttConfig:
-    password = t.text("password")
+    password = t.text("password", secret=True)
     password_file = t.path("password_file")
     if password_file is not None:
         try:
@@ -338,6 +368,7 @@ def _parse_mqtt(t: _Section, node_id: str) -> MqttConfig:
         cert_file=cert,
         key_file=key,
         max_inflight=t.integer("max_inflight", 100, 1, 1000) or 100,
+        puback_timeout_s=t.number("puback_timeout_s", 30.0, 1.0, 3600.0),
     )
     t.finish()
     return config

@@ -6,6 +6,9 @@ the rows are deleted, and a new outbox starts counting at its creation time in m
 so a fresh SD card does not reuse the numbers of the old one (the pipeline would take them
 for duplicates).
 
+The outbox also keeps the secret half of the node's MQTT client id (:meth:`Outbox.client_token`):
+it belongs to this node's durable state, and no other node can read it.
+
 A reading taken while the clock was not synchronised is stored with ``ts`` NULL: it is held
 until :meth:`Outbox.resolve_held` corrects its time from CLOCK_BOOTTIME (same boot) or, past
 the hold limit or after a reboot, releases it flagged as ``time_uncertain``.
@@ -16,6 +19,8 @@ Each thread gets its own connection; SQLite serialises the writers.
 from __future__ import annotations
 
 import contextlib
+import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -23,10 +28,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 from edge_agent.errors import EdgeError
 
-__all__ = ["Outbox", "OutboxError", "OutboxFull", "Pending"]
+__all__ = ["CLIENT_TOKEN_BYTES", "Outbox", "OutboxError", "OutboxFull", "Pending"]
+
+CLIENT_TOKEN_BYTES: Final = 16
+"""Random bytes in a client-id token: 128 bits, written as 32 lowercase hex digits."""
+_CLIENT_TOKEN: Final = re.compile(r"[0-9a-f]{32}")
+_CLIENT_TOKEN_KEY: Final = "mqtt_client_token"  # noqa: S105 - a meta key, not a secret
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -261,6 +272,61 @@ class Outbox:
         if count:
             with self._write() as conn:
                 _bump(conn, "dropped_total", count)
+
+    def count_puback_timeout(self, outstanding: int, *, now_wall: float | None = None) -> None:
+        """Record one session ended because the broker withheld PUBACKs past the timeout.
+
+        Kept in the file, like ``dropped_total``, so ``edge-agent status`` (another process)
+        can show it and it survives restarts: ``puback_timeouts`` counts the episodes,
+        ``puback_timeout_publishes`` the publishes that were waiting then (each was sent again,
+        none was lost), ``last_puback_timeout_at`` is the wall-clock time of the last one.
+
+        Raises:
+            OutboxError: the file cannot be written (a full disk); the caller keeps the count
+                and tries again.
+        """
+        with self._write() as conn:
+            _bump(conn, "puback_timeouts", 1)
+            _bump(conn, "puback_timeout_publishes", outstanding)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_puback_timeout_at', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (now_wall if now_wall is not None else time.time(),),
+            )
+
+    def puback_timeouts(self) -> tuple[int, int]:
+        """(sessions ended for withheld PUBACKs, publishes left unacknowledged in them)."""
+        counts = []
+        for key in ("puback_timeouts", "puback_timeout_publishes"):
+            value = self.meta(key)
+            counts.append(int(value) if isinstance(value, int | float) else 0)
+        return counts[0], counts[1]
+
+    # -- the node's MQTT identity ------------------------------------------------------------
+    def client_token(self) -> str:
+        """The secret half of the node's MQTT client id: 128 random bits, made once, kept here.
+
+        RabbitMQ closes a connection when another one arrives with the same client id, whatever
+        its user, and publishes the closed one's Last Will. A client id another node could
+        guess (its node id) would let any node knock this one off the broker; a client id with
+        this token in it cannot be guessed, and it is kept in the outbox, which only the agent's
+        user can read, so it never travels anywhere but to the broker.
+
+        The token stays the same across restarts and power cuts, so a new connection of this
+        node replaces a half-open one of its own at once. A new outbox (a new SD card) gets a
+        new token, and nothing is lost by that: the agent's MQTT session is clean, the outbox
+        (not the broker) keeps what is unacknowledged. A stored value that is not 32 lowercase
+        hex digits (a file edited by hand) is replaced by a new token.
+
+        Raises:
+            OutboxError: the token cannot be stored (a full disk at the very first start).
+        """
+        stored = self.meta(_CLIENT_TOKEN_KEY)
+        if isinstance(stored, str) and _CLIENT_TOKEN.fullmatch(stored):
+            return stored
+        token = secrets.token_hex(CLIENT_TOKEN_BYTES)
+        self.set_meta(_CLIENT_TOKEN_KEY, token)
+        return token
 
     # -- status ----------------------------------------------------------------------------
     def depth(self) -> int:
