@@ -37,7 +37,6 @@ import psycopg
 
 from bench.cpu import CpuMeter, postmaster_pid
 from pipeline.decode import Reading, encode_reading
-from pipeline.migrate import migrate
 from tests.harness import PostgresServer, RabbitBroker
 
 PREFETCH = 3000
@@ -76,9 +75,7 @@ def publish(broker: RabbitBroker, messages: list[tuple[str, bytes]]) -> None:
 
 
 def fresh_db(pg: PostgresServer) -> str:
-    name = pg.create_database("bench")
-    url = pg.url(name)
-    migrate(url)
+    _name, url = pg.owned_database("bench")
     return url
 
 

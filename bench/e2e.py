@@ -26,7 +26,6 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.wire import reading_payload
-from pipeline.migrate import migrate
 from tests.harness import NodeCredentials, PostgresServer, RabbitBroker
 
 PUBLISHERS = 4
@@ -131,9 +130,7 @@ def main() -> int:
         baseline = sent / took
         print(f"broker ingest, nothing consuming: {baseline:.0f}/s", flush=True)
         broker.purge("readings", "node-status")
-        name = pg.create_database("e2e")
-        url = pg.url(name)
-        migrate(url)
+        _name, url = pg.owned_database("e2e")
         consumer = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "consume"],
             env={

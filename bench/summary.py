@@ -36,7 +36,6 @@ import psycopg
 from sqlalchemy import create_engine
 
 from pipeline.decode import Reading
-from pipeline.migrate import migrate
 from pipeline.store import Store
 from tests.harness import PostgresServer
 
@@ -292,8 +291,7 @@ def main() -> None:
 
     print(f"summary at scale: {args.readings:,} readings, {args.sensors:,} sensors")
     with PostgresServer() as pg:
-        url = pg.url(pg.create_database("bench"))
-        migrate(url)
+        _name, url = pg.owned_database("bench")
         end = datetime.now(UTC).replace(microsecond=0)
         copied = load(url, args.sensors, args.readings, end)
         steps = copied // args.sensors

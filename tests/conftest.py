@@ -6,7 +6,6 @@ Set KEEP_TEST_SERVICES=1 to keep their temp directories (logs) after the run.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import pytest
 
 from tests.harness import PostgresServer, RabbitBroker
 from tests.harness.docker import DockerEngine, StandIns, build_standins
+from tests.harness.pipeline_proc import ConsumerProcess
 from tests.harness.rabbit_container import RabbitContainer
 
 _KEEP = os.environ.get("KEEP_TEST_SERVICES") == "1"
@@ -70,16 +70,34 @@ def rabbit(request: pytest.FixtureRequest, broker_kind: str) -> Iterator[RabbitB
 
 @dataclass(frozen=True)
 class Database:
-    """A fresh, migrated database with the gateway's login roles."""
+    """A fresh, migrated database with the gateway's login roles.
+
+    ``owner_url`` is the schema owner's role (tempmon_owner, not a superuser), as `pipeline
+    migrate` runs in docker compose; ``superuser_url`` is the cluster's superuser.
+    """
 
     server: PostgresServer
     name: str
     owner_url: str
     writer_url: str
     reader_url: str
+    superuser_url: str
 
 
-_ROLE_PASSWORDS = {"pipeline": secrets.token_urlsafe(12), "reader": secrets.token_urlsafe(12)}
+@pytest.fixture
+def consumers(
+    rabbit: RabbitBroker,  # noqa: ARG001 - the servers must outlive the consumers
+    database: Database,  # noqa: ARG001
+) -> Iterator[list[ConsumerProcess]]:
+    """`pipeline consume` processes a test starts; killed (if alive) and closed after it."""
+    started: list[ConsumerProcess] = []
+    yield started
+    for n, consumer in enumerate(started):
+        if consumer.alive():
+            consumer.kill()
+        # pytest shows this only when the test failed.
+        print(f"--- consumer {n} log ---\n{consumer.log[-4000:]}")
+        consumer.close()
 
 
 @pytest.fixture(scope="session")
@@ -103,18 +121,14 @@ def postgres(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
 @pytest.fixture
 def database(postgres: PostgresServer) -> Iterator[Database]:
     """A new database, with roles from gateway/postgres/ and the schema from `pipeline migrate`."""
-    from pipeline.migrate import migrate  # noqa: PLC0415
-
-    name = postgres.create_database()
-    postgres.init_roles(name, _ROLE_PASSWORDS)
-    owner_url = postgres.url(name)
-    migrate(owner_url)
+    name, owner_url = postgres.owned_database()
     yield Database(
         server=postgres,
         name=name,
         owner_url=owner_url,
-        writer_url=postgres.url(name, "pipeline", _ROLE_PASSWORDS["pipeline"]),
-        reader_url=postgres.url(name, "reader", _ROLE_PASSWORDS["reader"]),
+        writer_url=postgres.role_url(name, "pipeline"),
+        reader_url=postgres.role_url(name, "reader"),
+        superuser_url=postgres.url(name),
     )
     postgres.start()
     postgres.drop_database(name)

@@ -12,7 +12,6 @@ fills. Ctrl-C (or --duration) stops everything in order and removes the temp dir
 from __future__ import annotations
 
 import argparse
-import secrets
 import signal
 import sys
 import tempfile
@@ -21,7 +20,6 @@ from pathlib import Path
 from types import FrameType
 
 from pipeline.db import make_engine
-from pipeline.migrate import migrate
 from pipeline.summary import format_table, last_hour
 from tests.harness import PostgresServer, RabbitBroker
 from tests.harness.agent_proc import AgentProcess, write_config
@@ -43,14 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     print("starting RabbitMQ and PostgreSQL from the installed binaries ...", flush=True)
     with RabbitBroker() as broker, PostgresServer() as pg, tempfile.TemporaryDirectory() as tmp:
-        passwords = {"pipeline": secrets.token_urlsafe(12), "reader": secrets.token_urlsafe(12)}
-        db = pg.create_database("tempmon")
-        pg.init_roles(db, passwords)
-        migrate(pg.url(db))
-        reader_url = pg.url(db, "reader", passwords["reader"])
-        consumers = [
-            ConsumerProcess(broker, pg.url(db, "pipeline", passwords["pipeline"])) for _ in range(2)
-        ]
+        db, _owner_url = pg.owned_database("tempmon")
+        reader_url = pg.role_url(db, "reader")
+        consumers = [ConsumerProcess(broker, pg.role_url(db, "pipeline")) for _ in range(2)]
         agents = [
             AgentProcess(
                 write_config(

@@ -18,6 +18,8 @@ import psycopg
 from tests.harness.procs import REPO, free_port, service_user
 
 GATEWAY = REPO / "gateway" / "postgres"
+# The gateway's login roles (gateway/postgres/init-roles.sh's defaults), by what they are for.
+ROLES = {"owner": "tempmon_owner", "pipeline": "pipeline", "reader": "reader"}
 
 
 def _bindir() -> str:
@@ -54,6 +56,9 @@ class PostgresServer:
         self._user = service_user("postgres")
         self.boot_seconds: list[float] = []
         self._dbs = 0
+        # The gateway's login roles are the cluster's, shared by every database in it, so
+        # their passwords are the server's: one init-roles.sh run never breaks another's URLs.
+        self.role_passwords = {role: secrets.token_urlsafe(12) for role in ROLES}
         self._initdb()
 
     def _as_service(self) -> dict[str, object]:
@@ -187,9 +192,35 @@ class PostgresServer:
         with self.connect() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def init_roles(self, database: str, passwords: dict[str, str]) -> None:
-        """Run gateway/postgres/init-roles.sh, as the official image runs it at first boot."""
+    def role_url(self, database: str, role: str) -> str:
+        """The URL of one of the gateway's login roles (``owner``, ``pipeline``, ``reader``)."""
+        return self.url(database, ROLES[role], self.role_passwords[role])
+
+    def owned_database(self, prefix: str = "t") -> tuple[str, str]:
+        """A new database with the gateway's roles, migrated by its owner role, as docker
+        compose makes it; returns (name, the owner's URL)."""
+        from pipeline.migrate import migrate  # noqa: PLC0415
+
+        name = self.create_database(prefix)
+        self.init_roles(name)
+        url = self.role_url(name, "owner")
+        migrate(url)
+        return name, url
+
+    def init_roles(
+        self,
+        database: str,
+        passwords: dict[str, str] | None = None,
+        env_extra: dict[str, str] | None = None,
+    ) -> None:
+        """Run gateway/postgres/init-roles.sh, as the official image runs it at first boot.
+
+        Raises:
+            RuntimeError: the script failed; its output is in the message.
+        """
+        passwords = passwords or self.role_passwords
         env = dict(os.environ)
+        env.update(env_extra or {})
         env.update(
             PGHOST="127.0.0.1",
             PGPORT=str(self.port),
@@ -197,6 +228,7 @@ class PostgresServer:
             PGPASSWORD=self.password,
             PGDATABASE=database,
             POSTGRES_DB=database,
+            MIGRATE_DB_PASSWORD=passwords["owner"],
             PIPELINE_DB_PASSWORD=passwords["pipeline"],
             READER_DB_PASSWORD=passwords["reader"],
         )

@@ -8,8 +8,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -19,6 +19,7 @@ from tests.conftest import Database
 from tests.harness import RabbitBroker
 from tests.harness.pipeline_proc import ConsumerProcess
 from tests.harness.procs import free_port, wait_for
+from tests.system.test_replay_identity import broker_info
 
 pytestmark = pytest.mark.system
 
@@ -65,21 +66,6 @@ def _assert_exactly(database: Database, rabbit: RabbitBroker, n: int) -> None:
     assert (rows, distinct, rolled) == (n, n, n)
     wait_for("readings queue settled", lambda: rabbit.unacked("readings") == (0, 0), 30)
     assert rabbit.depth("readings.dead") == 0
-
-
-@pytest.fixture
-def consumers(
-    rabbit: RabbitBroker,  # noqa: ARG001 - the servers must outlive the consumers
-    database: Database,  # noqa: ARG001
-) -> Iterator[list[ConsumerProcess]]:
-    started: list[ConsumerProcess] = []
-    yield started
-    for n, consumer in enumerate(started):
-        if consumer.alive():
-            consumer.kill()
-        # pytest shows this only when the test failed.
-        print(f"--- consumer {n} log ---\n{consumer.log[-4000:]}")
-        consumer.close()
 
 
 def _start(
@@ -313,19 +299,44 @@ def test_dead_letters_list_and_replay(
     consumer = _start(consumers, rabbit, database)
     rabbit.wait_depth("readings.dead", 2)
     listed = json.loads(_pipeline(env, "dead", "list", "--json"))
-    assert [d["routing_key"] for d in listed] == ["sensors.node-0.s0", "sensors.node-0.s0"]
-    assert "no reason recorded" in listed[0]["reason"]
+    # The consumer's copy is signed; the broker's own record proves the first one's origin
+    # only on RabbitMQ 4: 3.10 keeps an x-death its publisher wrote (test_replay_identity.py).
+    assert listed[1]["routing_key"] == "sensors.node-0.s0"
+    assert listed[1]["origin"] == "signed"
     assert "JSON array" in listed[1]["reason"]
+    assert "no reason recorded" in listed[0]["reason"]
     assert rabbit.depth("readings.dead") == 2  # listing leaves them in place
-    assert "1 would now be stored, 1 would be rejected" in _pipeline(
-        env, "dead", "replay", "--dry-run"
-    )
-    assert "replayed 2" in _pipeline(env, "dead", "replay")
-    _wait_rows(database, 1)
-    rabbit.wait_depth("readings.dead", 1)  # the unusable one is back, with a fresh reason
-    [(_, props, _)] = rabbit.drain("readings.dead")
+    dry_run = _pipeline(env, "dead", "replay", "--dry-run")
+    if not broker_info(rabbit).writes_its_own_x_death:
+        assert listed[0]["origin"] == "unverified"
+        assert listed[0]["routing_key"] == ""
+        assert "keeps an x-death its publisher wrote" in listed[0]["origin_note"]
+        assert "0 would now be stored, 1 would be rejected again, 1 would stay" in dry_run
+        out = _pipeline(env, "dead", "replay")
+        assert "replayed 1 message(s)" in out
+        assert "left 1 message(s)" in out
+        # Both are still dead: the unverified one in place, the unusable one afresh.
+        dead: list[tuple[Any, Any, bytes]] = []
+
+        def replayed_copy_is_back() -> bool:
+            dead.extend(rabbit.drain("readings.dead"))
+            return any("x-replayed" in (p.headers or {}) for _, p, _ in dead)
+
+        wait_for("the replayed copy back in readings.dead", replayed_copy_is_back, 30)
+        assert len(dead) == 2
+        assert _count(database)[0] == 0
+        [props] = [p for _, p, _ in dead if "x-replayed" in (p.headers or {})]
+    else:
+        assert listed[0]["origin"] == "broker"
+        assert listed[0]["routing_key"] == "sensors.node-0.s0"
+        assert "1 would now be stored, 1 would be rejected" in dry_run
+        assert "replayed 2" in _pipeline(env, "dead", "replay")
+        _wait_rows(database, 1)
+        rabbit.wait_depth("readings.dead", 1)  # the unusable one is back, with a fresh reason
+        [(_, props, _)] = rabbit.drain("readings.dead")
     assert props.headers["x-replayed"] == 1
     assert props.headers["x-original-routing-key"] == "sensors.node-0.s0"
+    assert "JSON array" in props.headers["x-reject-reason"]
     assert consumer.terminate() == 0
 
 
@@ -408,3 +419,18 @@ def test_a_writer_bug_ends_the_session_and_loses_nothing(
         engine.dispose()
     assert FlakyStore.calls > 2
     _assert_exactly(database, rabbit, 3000)
+
+
+@pytest.mark.both_brokers
+def test_looking_at_dead_letters_never_loses_them(rabbit: RabbitBroker) -> None:
+    """`pipeline dead list` takes each dead letter without acknowledging it; on RabbitMQ 4 that
+    counts as a delivery, and the quorum queue's default delivery limit (20) would drop it.
+    The dead-letter queues' policy lifts the limit: 30 listings later it is still there."""
+    from pipeline.deadletters import list_dead  # noqa: PLC0415
+
+    rabbit.publish([("readings.dead", b'{"kept": true}')], exchange="")
+    rabbit.wait_depth("readings.dead", 1)
+    for _ in range(30):
+        assert len(list_dead(rabbit.amqp_url(), "readings.dead", 10, key=None)) == 1
+    time.sleep(1.5)  # quorum queue counts lag about a second
+    assert rabbit.depth("readings.dead") == 1

@@ -422,3 +422,48 @@ def test_encode_decode_round_trip(value: Reading) -> None:
 def test_encode_reading_refuses(value: Reading, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         encode_reading(value)
+
+
+# Times at the ends of `datetime`: with an offset, converting them to UTC leaves its range
+# (OverflowError). Every path that reads a time must reject them with a reason naming the
+# field and the value, not fail (a decoder failure is dead-lettered with a traceback per message).
+_EXTREME_TIMES = [
+    "9999-12-31 23:59:59-23:59",
+    "9999-12-31T23:59:59-2359",
+    "9999-12-31 23:59:59.999999-00:01",
+    "9999-12-31 23:59:59+23:59",
+    "0001-01-01 00:00:00+23:59",
+    "0001-01-01T00:00:00+0001",
+    "0001-01-01 00:00:00-23:59",
+    "9999-12-31 23:59:59",
+    "0001-01-01 00:00:00",
+    "9999-12-31T23:59:59Z",
+    "0001-01-01T00:00:00+00:00",
+]
+
+
+@pytest.mark.parametrize("text", _EXTREME_TIMES)
+def test_legacy_time_at_the_ends_of_the_calendar_is_a_clean_rejection(text: str) -> None:
+    body = json.dumps({"id": "s", "data": text, "temperatura": 20}).encode()
+    with pytest.raises(Rejected) as rejected:
+        decode_reading(body, KEY, now=NOW)
+    assert rejected.value.reason.startswith(f"data: {text!r} is ")
+
+
+@pytest.mark.parametrize("text", [t.replace(" ", "T") for t in _EXTREME_TIMES])
+def test_v1_and_status_times_at_the_ends_of_the_calendar_are_clean_rejections(text: str) -> None:
+    status = json.dumps({"version": 1, "node": "pi-01", "state": "online", "ts": text}).encode()
+    for decode, body, key in (
+        (decode_reading, payload(ts=text), KEY),
+        (decode_status, status, "status.pi-01"),
+    ):
+        with pytest.raises(Rejected) as rejected:
+            decode(body, key, now=NOW)
+        assert rejected.value.reason.startswith(f"ts: {text!r} ")
+
+
+def test_legacy_time_with_an_offset_is_stored_in_utc() -> None:
+    body = json.dumps({"id": "s", "data": "2025-06-01 13:30:00+02:00", "temperatura": 20})
+    decoded = decode_reading(body.encode(), KEY, now=NOW)
+    assert decoded.ts == datetime(2025, 6, 1, 11, 30, tzinfo=UTC)
+    assert decoded.ts.utcoffset() == timedelta(0)

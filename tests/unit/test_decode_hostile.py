@@ -22,7 +22,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 import pytest
@@ -412,3 +412,42 @@ def test_uptime_beyond_float_range_is_rejected() -> None:
     with pytest.raises(Rejected) as rejected:
         decode_status(body, STATUS_KEY, now=NOW)
     _check_reason(rejected.value.reason)
+
+
+@HOSTILE
+@given(
+    day=st.one_of(
+        # The first and the last day of the calendar, where an offset leaves the range...
+        st.dates(max_value=date(1, 1, 1)),
+        st.dates(min_value=date(9999, 12, 31)),
+        # ... and any other.
+        st.dates(),
+    ),
+    clock=st.times(),
+    offset_minutes=st.integers(min_value=-(23 * 60 + 59), max_value=23 * 60 + 59),
+    # (date-time separator, offset separator)
+    form=st.sampled_from([("T", ":"), ("T", ""), (" ", ":"), (" ", "")]),
+    where=st.sampled_from(["legacy data", "v1 ts", "status ts"]),
+)
+def test_times_anywhere_in_the_calendar_with_any_offset(
+    day: date, clock: time, offset_minutes: int, form: tuple[str, str], where: str
+) -> None:
+    """Near year 1 or 9999 an offset takes a time out of `datetime`'s range in UTC; that is a
+    rejection with a reason like any other, never an OverflowError."""
+    sign = "-" if offset_minutes < 0 else "+"
+    hours, minutes = divmod(abs(offset_minutes), 60)
+    separator, colon = form
+    offset = f"{sign}{hours:02d}{colon}{minutes:02d}"
+    text = f"{day.isoformat()}{separator}{clock.isoformat(timespec='seconds')}{offset}"
+    if where == "legacy data":
+        doc, field, key, decoder = VALID_LEGACY, "data", READING_KEY, decode_reading
+    elif where == "v1 ts":
+        doc, field, key, decoder = VALID_READING, "ts", READING_KEY, decode_reading
+    else:
+        doc, field, key, decoder = VALID_STATUS, "ts", STATUS_KEY, decode_status
+    body = json.dumps({**doc, field: text}).encode()
+    decoded = _attempt(decoder, body, key)
+    if decoded is not None:
+        assert decoded.ts is not None
+        assert decoded.ts.utcoffset() is not None
+        assert datetime(2000, 1, 1, tzinfo=UTC) <= decoded.ts <= NOW.replace(minute=5)

@@ -25,11 +25,29 @@ log = logging.getLogger("pipeline")
 
 
 def _database_url(args: argparse.Namespace) -> str:
-    url: str = args.database_url or os.environ.get("DATABASE_URL", "")
+    """The database URL: ``--database-url`` (without a password) or DATABASE_URL.
+
+    Raises:
+        ConfigError: no URL at all, or ``--database-url`` carries a password: a command line is
+            readable by every user of the machine (``ps``, /proc) and kept in shell history.
+    """
+    flag: str | None = args.database_url
+    if flag:
+        from pipeline.config import has_password, redact  # noqa: PLC0415
+
+        if has_password(flag):
+            raise ConfigError(
+                f"--database-url {redact(flag)}: a password on the command line can be read by "
+                "every user of this machine (ps) and stays in your shell history; put the URL "
+                "in DATABASE_URL, or leave the password out of it and give it in PGPASSWORD "
+                "or ~/.pgpass"
+            )
+        return flag
+    url = os.environ.get("DATABASE_URL", "")
     if not url:
         raise ConfigError(
-            "DATABASE_URL is not set: export DATABASE_URL=postgresql://user:pass@host:5432/db "
-            "or pass --database-url"
+            "DATABASE_URL is not set: export DATABASE_URL=postgresql://user@host:5432/db "
+            "(the password in PGPASSWORD or ~/.pgpass) or pass --database-url without a password"
         )
     return url
 
@@ -52,10 +70,10 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     from pipeline.db import make_engine  # noqa: PLC0415
     from pipeline.metrics import serve_metrics  # noqa: PLC0415
     from pipeline.store import Store  # noqa: PLC0415
+    from pipeline.watchdog import ReaderWatchdog  # noqa: PLC0415
 
     env = dict(os.environ)
-    if args.database_url:
-        env["DATABASE_URL"] = args.database_url
+    env["DATABASE_URL"] = _database_url(args)
     settings = ConsumerSettings.from_env(env)
     stop = threading.Event()
 
@@ -66,12 +84,19 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     engine = make_engine(settings.database_url)
+    watchdog: ReaderWatchdog | None = None
     try:
         if not _wait_for_schema(engine, stop):
             return 0
         serve_metrics(settings.metrics_port)
+        if settings.reader_query_limit_s > 0:
+            watchdog = ReaderWatchdog(engine, limit_s=settings.reader_query_limit_s)
+            watchdog.start()
         consume_forever(settings, Store(engine), stop)
     finally:
+        if watchdog is not None:
+            watchdog.stop()
+            watchdog.join(15)
         engine.dispose()
     log.info("stopped")
     return 0
@@ -124,25 +149,34 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rabbitmq_url() -> str:
+def _amqp_settings() -> tuple[str, bytes | None]:
+    """The AMQP URL and the dead-letter signing key, from the environment `consume` reads."""
     from pipeline.config import ConsumerSettings  # noqa: PLC0415
 
     env = dict(os.environ)
     env.setdefault("DATABASE_URL", "postgresql://unused")
-    return ConsumerSettings.from_env(env).rabbitmq_url
+    settings = ConsumerSettings.from_env(env)
+    return settings.rabbitmq_url, settings.dead_letter_key
 
 
 def _cmd_dead_list(args: argparse.Namespace) -> int:
     from pipeline.deadletters import list_dead  # noqa: PLC0415
 
-    dead = list_dead(_rabbitmq_url(), args.queue, args.limit)
+    url, key = _amqp_settings()
+    dead = list_dead(url, args.queue, args.limit, key=key)
     if args.json:
         print(json.dumps([d.as_dict() for d in dead], indent=2))
         return 0
     if not dead:
         print(f"{args.queue} is empty")
     for d in dead:
-        print(f"{d.rejected_at or '-'}  {d.routing_key}  (from {d.queue}, {d.size} bytes)")
+        if d.routing_key:
+            print(f"{d.rejected_at or '-'}  {d.routing_key}  (from {d.queue}, {d.size} bytes)")
+            print(f"    origin: {d.origin_note}")
+        else:
+            claim = f"claims {d.claimed_routing_key}" if d.claimed_routing_key else "no claim"
+            print(f"{d.rejected_at or '-'}  ?  ({claim}; {d.size} bytes)")
+            print(f"    origin: NOT VERIFIED: {d.origin_note}")
         print(f"    reason: {d.reason}")
         print(f"    body:   {d.preview}")
     return 0
@@ -151,14 +185,25 @@ def _cmd_dead_list(args: argparse.Namespace) -> int:
 def _cmd_dead_replay(args: argparse.Namespace) -> int:
     from pipeline.deadletters import replay_dead  # noqa: PLC0415
 
-    result = replay_dead(_rabbitmq_url(), args.queue, args.limit, dry_run=args.dry_run)
+    url, key = _amqp_settings()
+    result = replay_dead(url, args.queue, args.limit, key=key, dry_run=args.dry_run)
     if args.dry_run:
+        stay = (
+            f", {result.unverified} would stay: their origin cannot be proved"
+            if result.unverified
+            else ""
+        )
         print(
             f"dry run: {result.would_store} would now be stored, "
-            f"{result.would_reject} would be rejected again; nothing was moved"
+            f"{result.would_reject} would be rejected again{stay}; nothing was moved"
         )
     else:
         print(f"replayed {result.replayed} message(s) from {args.queue}")
+        if result.unverified:
+            print(
+                f"left {result.unverified} message(s) in {args.queue}: their origin cannot be "
+                "proved (see `pipeline dead list`)"
+            )
     return 0
 
 
@@ -177,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("migrate", help="create or upgrade the database schema (re-runnable)")
-    p.add_argument("--database-url", help="default: $DATABASE_URL (needs the schema owner)")
+    p.add_argument(
+        "--database-url",
+        help="default: $DATABASE_URL (needs the schema owner); no password here: "
+        "use PGPASSWORD or ~/.pgpass",
+    )
     p.set_defaults(func=_cmd_migrate)
 
     p = sub.add_parser(
@@ -185,13 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="consume readings and node status into PostgreSQL until SIGTERM",
         description="Settings come from the environment: RABBITMQ_URL, RABBITMQ_USER, "
         "RABBITMQ_PASSWORD, DATABASE_URL, PIPELINE_PREFETCH, PIPELINE_BATCH_SIZE, "
-        "PIPELINE_BATCH_MS, PIPELINE_METRICS_PORT, PIPELINE_LOG_INTERVAL_S (see README).",
+        "PIPELINE_BATCH_MS, PIPELINE_METRICS_PORT, PIPELINE_LOG_INTERVAL_S, "
+        "PIPELINE_DEAD_LETTER_KEY (see README).",
     )
-    p.add_argument("--database-url", help="default: $DATABASE_URL")
+    p.add_argument(
+        "--database-url", help="default: $DATABASE_URL; no password here: use PGPASSWORD"
+    )
     p.set_defaults(func=_cmd_consume)
 
     p = sub.add_parser("summary", help="print the last hour per sensor")
-    p.add_argument("--database-url", help="default: $DATABASE_URL (the reader role is enough)")
+    p.add_argument(
+        "--database-url",
+        help="default: $DATABASE_URL (the reader role is enough); no password here: "
+        "use PGPASSWORD or ~/.pgpass",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_summary)
 

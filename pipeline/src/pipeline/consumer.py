@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import pika
 import pika.exceptions
@@ -40,6 +40,18 @@ from pipeline.config import ConsumerSettings, redact
 from pipeline.decode import NodeStatus, Reading, decode_reading, decode_status
 from pipeline.errors import PipelineError, Rejected
 from pipeline.metrics import BROKER_UP, DATABASE_UP, Metrics
+from pipeline.origin import (
+    BROKER_DEATH_HEADERS,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    REJECTED_AT_HEADER,
+    REJECTED_BY_HEADER,
+    ROUTING_KEY_HEADER,
+    SIGNATURE_HEADER,
+    sign,
+    signed_claim,
+    unsigned_claim_reason,
+)
 from pipeline.store import BatchResult, Store
 
 __all__ = ["Backoff", "Batch", "Session", "SessionBrokenError", "Writer", "consume_forever"]
@@ -86,13 +98,25 @@ class Backoff:
 
 
 class Delivery(NamedTuple):
-    """What the consumer keeps of a delivery (a tuple: it is made once per message)."""
+    """What the consumer keeps of a delivery (a tuple: it is made once per message).
+
+    ``routing_key`` is the key the message was published under, as far as the pipeline can
+    prove it; ``refused`` is set (to the reject reason) when a message put back into the queue
+    claims an original routing key that is not proved (pipeline.origin).
+    """
 
     tag: int
     queue: str
     routing_key: str
     properties: BasicProperties
     body: bytes
+    refused: str | None = None
+
+
+# Headers a dead-letter copy does not take over from the delivery: the broker's dead-letter
+# record (a delivery from `readings` never carries a real one: only a publisher can have written
+# it) and the pipeline's own claims, which the copy sets afresh.
+_COPY_DROP: Final = BROKER_DEATH_HEADERS | {SIGNATURE_HEADER}
 
 
 @dataclass
@@ -328,15 +352,27 @@ class Session:
     def _delivery(
         self, queue_name: str, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> Delivery:
+        """The delivery with the routing key it was published under.
+
+        A replayed dead letter comes back through the default exchange, with the routing key
+        it was first published under in ``x-original-routing-key``. That header is taken only
+        when the pipeline's signature over it, the queue and the body verifies: a node can
+        write the header itself (as an MQTT 5 user property, or over AMQP), and a message the
+        broker dead-lettered keeps it, so unsigned it would let one node's message be stored
+        under another node's id. An unproved claim marks the delivery ``refused``.
+        """
         routing_key = method.routing_key or ""
-        # A replayed dead letter comes back through the default exchange, which only the
-        # pipeline may publish to (nodes may write amq.topic only), with its original key.
-        if method.exchange == "" and props.headers:
-            original = props.headers.get("x-original-routing-key")
-            if isinstance(original, bytes):
-                original = original.decode("utf-8", "replace")
-            if isinstance(original, str):
-                routing_key = original
+        headers = props.headers
+        if method.exchange == "" and headers and ROUTING_KEY_HEADER in headers:
+            claim = signed_claim(self._settings.dead_letter_key, headers, body)
+            if claim is None or claim[1] != queue_name:
+                reason = unsigned_claim_reason(
+                    self._settings.dead_letter_key, headers, body, queue_name
+                )
+                return Delivery(
+                    int(method.delivery_tag or 0), queue_name, routing_key, props, body, reason
+                )
+            routing_key = claim[0]
         return Delivery(int(method.delivery_tag or 0), queue_name, routing_key, props, body)
 
     def _on_reading(
@@ -359,6 +395,9 @@ class Session:
 
     def _decoded(self, delivery: Delivery, decode: Callable[..., _T]) -> _T | None:
         """The decoded message, or None after queueing it for the dead-letter queue."""
+        if delivery.refused is not None:
+            self._rejected.append((delivery, delivery.refused))
+            return None
         try:
             return decode(delivery.body, delivery.routing_key, now=self._now)
         except Rejected as exc:
@@ -405,16 +444,31 @@ class Session:
             else self._settings.dead_queue
         )
         props = delivery.properties
-        headers: dict[str, Any] = dict(props.headers or {})
+        headers: dict[str, Any] = {
+            k: v for k, v in (props.headers or {}).items() if k not in _COPY_DROP
+        }
+        rejected_at = datetime.now(UTC).isoformat(timespec="milliseconds")
         headers.update(
             {
-                "x-reject-reason": reason,
-                "x-original-routing-key": delivery.routing_key,
-                "x-original-queue": delivery.queue,
-                "x-rejected-at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "x-rejected-by": f"pipeline {__version__}",
+                REASON_HEADER: reason,
+                ROUTING_KEY_HEADER: delivery.routing_key,
+                QUEUE_HEADER: delivery.queue,
+                REJECTED_AT_HEADER: rejected_at,
+                REJECTED_BY_HEADER: f"pipeline {__version__}",
             }
         )
+        key = self._settings.dead_letter_key
+        if key is not None and delivery.refused is None:
+            # Signed only when the routing key is the one the message was published under;
+            # a refused replay's copy stays unsigned, so it is never replayed under any key.
+            headers[SIGNATURE_HEADER] = sign(
+                key,
+                routing_key=delivery.routing_key,
+                queue=delivery.queue,
+                body=delivery.body,
+                reason=reason,
+                rejected_at=rejected_at,
+            )
         copy = BasicProperties(
             content_type=props.content_type,
             content_encoding=props.content_encoding,
@@ -485,6 +539,11 @@ def consume_forever(
     Returns after an orderly shutdown: the last batch committed and acknowledged (or, if the
     database stayed down, left unacknowledged for redelivery).
     """
+    if settings.dead_letter_key is None:
+        log.warning(
+            "no key to sign dead letters (no AMQP password and no PIPELINE_DEAD_LETTER_KEY): "
+            "`pipeline dead replay` can put back only what the broker recorded itself"
+        )
     metrics = Metrics(interval_s=settings.log_interval_s)
     writer = Writer(store, metrics)
     writer.start()

@@ -15,11 +15,11 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Final, NamedTuple, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn
 
 from pipeline.errors import Rejected
 
@@ -151,16 +151,82 @@ class NodeStatus:
 
 
 def _show(value: object) -> str:
-    """``repr`` of a value, clipped: the value comes from the network."""
+    """``repr`` of a value, clipped to ``_SHOW_MAX`` characters: the value comes from the network.
+
+    The text is built piece by piece (:func:`_pieces`) and building stops as soon as it is
+    longer than what is shown, so the cost is bounded by ``_SHOW_MAX`` and not by the value:
+    ``repr`` of an array nested a thousand levels deep (which fits in the 4 KiB payload limit)
+    builds a string per level, quadratic in the depth, and cost about 80 times a valid
+    reading's decode, only to be clipped to 60 characters. Nothing recurses, so no depth can
+    raise ``RecursionError``. For values that fit, the text is exactly ``repr``'s (``null``
+    for None at the top level).
+    """
     if value is None:
         return "null"
-    try:
-        text = repr(value)
-    except RecursionError:  # a list nested nearly as deep as the parser allows
-        text = f"<deeply nested {type(value).__name__}>"
-    if len(text) > _SHOW_MAX:
-        return text[: _SHOW_MAX - 3] + "..."
-    return text
+    pieces: list[str] = []
+    length = 0
+    for piece in _pieces(value, _SHOW_MAX + 1):
+        pieces.append(piece)
+        length += len(piece)
+        if length > _SHOW_MAX:
+            break  # the rest of the value is never looked at
+    shown = "".join(pieces)
+    if length > _SHOW_MAX:
+        return shown[: _SHOW_MAX - 3] + "..."
+    return shown
+
+
+def _pieces(value: object, limit: int) -> Iterator[str]:
+    """``repr``'s text of a JSON value, in pieces, lazily and without recursion."""
+    # Open containers, innermost last: (entries left, closing bracket, is a dict).
+    frames: list[tuple[Iterator[Any], str, bool]] = []
+    item: object = value
+    while True:
+        if type(item) is list:
+            yield "["
+            frames.append((iter(item), "]", False))
+            first = True
+        elif type(item) is dict:
+            yield "{"
+            frames.append((iter(item.items()), "}", True))
+            first = True
+        else:
+            yield _show_scalar(item, limit)
+            first = False
+        while True:  # the next entry of the innermost open container, closing finished ones
+            if not frames:
+                return
+            entries, closing, is_dict = frames[-1]
+            entry: Any = next(entries, _NO_ENTRY)
+            if entry is not _NO_ENTRY:
+                break
+            frames.pop()
+            yield closing
+            first = False
+        if not first:
+            yield ", "
+        if is_dict:
+            key, item = entry
+            yield _show_scalar(key, limit) + ": "
+        else:
+            item = entry
+
+
+_NO_ENTRY: Final = object()
+
+
+def _show_scalar(value: object, limit: int) -> str:
+    """``repr`` of a value that is not a list or dict, for :func:`_show`; at most a few times
+    ``limit`` characters for a string (only its first ``limit`` characters are looked at).
+
+    A longer string's text may choose its quotes differently from ``repr`` of the whole
+    string (the prefix may lack the quote that made ``repr`` switch); it is clipped anyway.
+    """
+    if type(value) is str and len(value) > limit:
+        return repr(value[:limit])
+    # int, float, bool, None and short strings: JSON limits an integer literal to 4300
+    # digits and the payload to 4 KiB, so this is bounded too.
+    return repr(value)
 
 
 _TYPE_NAMES: Final[Mapping[type, str]] = MappingProxyType(
@@ -352,8 +418,19 @@ def _legacy_time(value: object, now: datetime) -> datetime:
     except ValueError as exc:
         raise Rejected(f"data: {_show(value)} is not a valid time ({exc})") from None
     # The course's sensors sent naive times; the contract takes them as UTC.
-    ts = ts.replace(tzinfo=UTC) if match.group(1) is None else ts.astimezone(UTC)
-    return _bounded_time(ts, value, "data", now)
+    if match.group(1) is None:
+        return _bounded_time(ts.replace(tzinfo=UTC), value, "data", now)
+    # Bounds first, on the time with its own offset (comparing and subtracting aware times
+    # never overflows), and only then the conversion: `9999-12-31 23:59:59-23:59` is past the
+    # end of `datetime` in UTC, and `astimezone` would raise OverflowError, which is not a
+    # reason but a decoder failure with a traceback per message.
+    ts = _bounded_time(ts, value, "data", now)
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:  # unreachable while `now` is a real clock; kept so nothing escapes
+        raise Rejected(
+            f"data: {_show(value)} is outside the times this pipeline can store"
+        ) from None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -4,6 +4,11 @@ Each file ``migrations/NNNN_name.sql`` runs once, in its own transaction, and is
 ``schema_migrations`` with a checksum. Concurrent runs (two replicas starting together) are
 serialised by an advisory lock, so each file still runs once. A recorded file whose text
 changed afterwards is an error: a released migration is never edited, a new one is added.
+
+Migrations run as the schema's owner role (``tempmon_owner``, made by
+gateway/postgres/init-roles.sh), never as a superuser: whoever runs them owns every table, and
+a superuser owning them would make every SECURITY DEFINER function and every default
+privilege a superuser's.
 """
 
 from __future__ import annotations
@@ -66,17 +71,34 @@ def migrate(database_url: str) -> list[Migration]:
     """
     applied_now: list[Migration] = []
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        if row is not None and row[1]:
+            raise MigrationError(
+                f"refusing to migrate as {row[0]!r}, a superuser: the tables would belong to "
+                "it. Connect as the schema's owner role (MIGRATE_DB_USER, default "
+                "tempmon_owner, made by gateway/postgres/init-roles.sh)"
+            )
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {
-                int(row[0]): str(row[1])
-                for row in conn.execute("SELECT version, checksum FROM schema_migrations")
-            }
+            try:
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {
+                    int(row[0]): str(row[1])
+                    for row in conn.execute("SELECT version, checksum FROM schema_migrations")
+                }
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise MigrationError(
+                    f"{row[0] if row else 'this role'} may not read schema_migrations: the "
+                    "schema belongs to another role (an earlier version migrated as the "
+                    "superuser). Run gateway/postgres/init-roles.sh once as the superuser to "
+                    f"hand it to the owner role: {str(exc).strip()}"
+                ) from exc
             for migration in available():
                 recorded = done.get(migration.version)
                 if recorded is not None:
