@@ -40,9 +40,7 @@ done
 sh /etc/rabbitmq/gateway/users.sh apply
 # docker compose --profile demo: three simulated agents, each with its own user.
 if [ -n "${DEMO_NODE_PASSWORD:-}" ]; then
-    for node in demo-1 demo-2 demo-3; do
-        printf '%s' "$DEMO_NODE_PASSWORD" | sh /etc/rabbitmq/gateway/users.sh node "$node"
-    done
+    printf '%s' "$DEMO_NODE_PASSWORD" | sh /etc/rabbitmq/gateway/users.sh node demo-1 demo-2 demo-3
 fi
 touch "$ready"
 

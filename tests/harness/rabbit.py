@@ -45,9 +45,12 @@ class RabbitBroker:
     the node and rabbitmqctl share a private Erlang cookie, and the node gets its own epmd.
     """
 
-    def __init__(self, *, keep: bool = False) -> None:
+    def __init__(self, *, keep: bool = False, tls: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tempmon-rabbit-"))
         self.keep = keep
+        # With TLS on, the node loads gateway/rabbitmq/tls.conf too: MQTT over TLS only, as
+        # docker compose with gateway/compose.tls.yml runs it (plain MQTT closed).
+        self.tls = tls
         self.amqp_port = free_port()
         self.mqtt_port = free_port()
         self.management_port = free_port()
@@ -85,27 +88,38 @@ class RabbitBroker:
                 ]
             )
         )
-        # MQTT over TLS, from gateway/rabbitmq/tls.conf with certificates made by
-        # gateway/tls/make-certs.sh, as an operator would.
+        if self.tls:
+            # MQTT over TLS, from gateway/rabbitmq/tls.conf with certificates made by
+            # gateway/tls/make-certs.sh, as an operator would.
+            self._make_certs()
+            broker = self.tls_dir / "broker"
+            (conf_d / "20-tls.conf").symlink_to(GATEWAY / "tls.conf")
+            (conf_d / "91-test-tls.conf").write_text(
+                "\n".join(
+                    [
+                        f"mqtt.listeners.ssl.default = 127.0.0.1:{self.mqtt_tls_port}",
+                        f"ssl_options.cacertfile = {broker / 'ca.pem'}",
+                        f"ssl_options.certfile = {broker / 'server.pem'}",
+                        f"ssl_options.keyfile = {broker / 'server.key'}",
+                        "",
+                    ]
+                )
+            )
+        (self.dir / "rabbitmq-env.conf").write_text("")
+
+    def _make_certs(self) -> None:
+        """The broker's certificate for ``localhost``, by gateway/tls/make-certs.sh."""
         subprocess.run(
             ["sh", str(REPO / "gateway" / "tls" / "make-certs.sh"), str(self.tls_dir), "localhost"],
             check=True,
             capture_output=True,
             timeout=60,
         )
-        (conf_d / "20-tls.conf").symlink_to(GATEWAY / "tls.conf")
-        (conf_d / "91-test-tls.conf").write_text(
-            "\n".join(
-                [
-                    f"mqtt.listeners.ssl.default = 127.0.0.1:{self.mqtt_tls_port}",
-                    f"ssl_options.cacertfile = {self.tls_dir / 'ca.pem'}",
-                    f"ssl_options.certfile = {self.tls_dir / 'server.pem'}",
-                    f"ssl_options.keyfile = {self.tls_dir / 'server.key'}",
-                    "",
-                ]
-            )
-        )
-        (self.dir / "rabbitmq-env.conf").write_text("")
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate a node is given (``mqtt.ca_file``)."""
+        return self.tls_dir / "broker" / "ca.pem"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -122,7 +136,7 @@ class RabbitBroker:
             # A missing main file, so the machine's /etc/rabbitmq/rabbitmq.conf is not read.
             RABBITMQ_CONFIG_FILE=str(self.dir / "no-main-config"),
             RABBITMQ_CONFIG_FILES=str(self.dir / "conf.d"),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.dir / "advanced.config"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(GATEWAY / "advanced.config"),
             RABBITMQ_CONF_ENV_FILE=str(self.dir / "rabbitmq-env.conf"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(GATEWAY / "enabled_plugins"),
             RABBITMQCTL=f"{RABBIT_BIN}/rabbitmqctl",
@@ -164,8 +178,7 @@ class RabbitBroker:
                     self._fail_if_exited()
                     or (
                         port_open(self.amqp_port)
-                        and port_open(self.mqtt_port)
-                        and port_open(self.mqtt_tls_port)
+                        and port_open(self.mqtt_tls_port if self.tls else self.mqtt_port)
                     )
                 ),
                 timeout,

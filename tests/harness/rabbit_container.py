@@ -2,8 +2,8 @@
 
 The compose file's rabbitmq service, as one ``docker run`` on the private engine: the same
 mounts (gateway/rabbitmq/ files into conf.d, definitions, users.sh and start.sh), the same
-entry point (start.sh), user and fixed hostname, a named volume for its data, plus the TLS
-override of gateway/compose.tls.yml. Ports are published on 127.0.0.1 only, on free ports, so
+entry point (start.sh), user and fixed hostname, a named volume for its data; with ``tls``,
+as gateway/compose.tls.yml changes it. Ports are published on 127.0.0.1 only, on free ports, so
 the tests reach it as they reach the native broker. Users are made by users.sh through
 ``docker exec``, as the README tells an operator to, so a hang of the CLI there hangs a test.
 """
@@ -17,7 +17,7 @@ import subprocess
 import time
 
 from tests.harness.docker import STANDIN_TAGS, DockerEngine, DockerError
-from tests.harness.procs import REPO, port_open, wait_for
+from tests.harness.procs import port_open, wait_for
 from tests.harness.rabbit import GATEWAY, RabbitBroker
 
 __all__ = ["RabbitContainer"]
@@ -40,44 +40,45 @@ class RabbitContainer(RabbitBroker):
         *,
         image: str = STANDIN_TAGS["rabbitmq"],
         keep: bool = False,
+        tls: bool = False,
     ) -> None:
         self.engine = engine
         self.image = image
         self.name = f"tempmon-rabbit4-{os.getpid()}-{os.urandom(3).hex()}"
         self.volume = f"{self.name}-data"
         self._created = False
-        super().__init__(keep=keep)
+        super().__init__(keep=keep, tls=tls)
 
     # -- configuration -------------------------------------------------------------------
     def _write_config(self) -> None:
         # The configuration files are mounted from gateway/ as compose mounts them; only the
         # TLS certificates are made here, by gateway/tls/make-certs.sh as an operator would,
         # with the key readable by the broker's user (README: chown 999 server.key).
-        subprocess.run(
-            ["sh", str(REPO / "gateway" / "tls" / "make-certs.sh"), str(self.tls_dir), "localhost"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        os.chown(self.tls_dir / "server.key", _RABBITMQ_UID, -1)
+        if self.tls:
+            self._make_certs()
+            os.chown(self.tls_dir / "broker" / "server.key", _RABBITMQ_UID, -1)
 
     def _run_args(self) -> list[str]:
         mounts = {
             GATEWAY / "rabbitmq.conf": "/etc/rabbitmq/conf.d/10-gateway.conf",
-            GATEWAY / "tls.conf": "/etc/rabbitmq/conf.d/20-tls.conf",
             GATEWAY / "enabled_plugins": "/etc/rabbitmq/enabled_plugins",
+            GATEWAY / "advanced.config": "/etc/rabbitmq/advanced.config",
             GATEWAY / "definitions.json": "/etc/rabbitmq/definitions.json",
             GATEWAY / "users.sh": "/etc/rabbitmq/gateway/users.sh",
             GATEWAY / "start.sh": "/etc/rabbitmq/gateway/start.sh",
-            self.tls_dir: "/etc/rabbitmq/tls",
         }
+        # As gateway/compose.tls.yml: tls.conf, only certs/broker/ mounted, 1883 not published.
         ports = {
-            self.mqtt_port: 1883,
             self.amqp_port: 5672,
             self.management_port: 15672,
             self.prometheus_port: 15692,
-            self.mqtt_tls_port: 8883,
         }
+        if self.tls:
+            mounts[GATEWAY / "tls.conf"] = "/etc/rabbitmq/conf.d/20-tls.conf"
+            mounts[self.tls_dir / "broker"] = "/etc/rabbitmq/tls"
+            ports[self.mqtt_tls_port] = 8883
+        else:
+            ports[self.mqtt_port] = 1883
         args = [
             "run",
             "--detach",

@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import secrets
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -63,10 +66,15 @@ class Gateway:
     env_file: Path
     settings: dict[str, str]
     phases: dict[str, float] = field(default_factory=dict)
+    # -f files after docker-compose.yml (gateway/compose.tls.yml once TLS is on).
+    overrides: list[str] = field(default_factory=list)
 
-    def compose(self, *args: str, timeout: float = 600, input_text: str | None = None) -> str:
-        done = subprocess.run(
-            ["docker", "compose", "--env-file", str(self.env_file), *args],
+    def run(
+        self, *args: str, timeout: float = 600, input_text: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        files = [a for f in ("docker-compose.yml", *self.overrides) for a in ("-f", f)]
+        return subprocess.run(
+            ["docker", "compose", "--env-file", str(self.env_file), *files, *args],
             cwd=REPO,
             env=self.engine.env(),
             input=input_text,
@@ -75,6 +83,9 @@ class Gateway:
             timeout=timeout,
             check=False,
         )
+
+    def compose(self, *args: str, timeout: float = 600, input_text: str | None = None) -> str:
+        done = self.run(*args, timeout=timeout, input_text=input_text)
         assert done.returncode == 0, (
             f"docker compose {' '.join(args)} failed ({done.returncode}):\n"
             f"{done.stdout[-4000:]}{done.stderr[-4000:]}"
@@ -166,21 +177,31 @@ class Gateway:
         return int(row[0][0]), int(row[0][1])
 
 
+def _move_ports(text: str) -> str:
+    """Every host port of .env moved to a free one: this machine may run its own services."""
+    for name in (
+        "MQTT_PORT",
+        "AMQP_PORT",
+        "RABBITMQ_UI_PORT",
+        "POSTGRES_PORT",
+        "GRAFANA_PORT",
+        "MQTT_TLS_PORT",
+    ):
+        text, count = re.subn(rf"^{name}=.*$", f"{name}={free_port()}", text, flags=re.M)
+        assert count == 1, name
+    return text
+
+
 def _env_file(directory: Path) -> tuple[Path, dict[str, str]]:
     """.env.example with a random password for every change-me and free host ports."""
     text = (REPO / ".env.example").read_text(encoding="utf-8")
     assert "change-me" in text
     text = re.sub(r"change-me", lambda _m: "pw-" + secrets.token_urlsafe(18), text)
-    ports = {
-        "MQTT_PORT": free_port(),
-        "AMQP_PORT": free_port(),
-        "RABBITMQ_UI_PORT": free_port(),
-        "POSTGRES_PORT": free_port(),
-        "GRAFANA_PORT": free_port(),
-    }
-    for name, port in ports.items():
-        text, count = re.subn(rf"^{name}=.*$", f"{name}={port}", text, flags=re.M)
-        assert count == 1, name
+    text = _move_ports(text)
+    text, count = re.subn(
+        r"^TLS_CERTS_DIR=.*$", f"TLS_CERTS_DIR={directory / 'tls'}", text, flags=re.M
+    )
+    assert count == 1
     text, count = re.subn(
         r"^DEMO_NODE_PASSWORD=.*$",
         f"DEMO_NODE_PASSWORD=demo-{secrets.token_urlsafe(18)}",
@@ -284,10 +305,25 @@ def _run_quick_start(gw: Gateway) -> None:
         with pytest.raises(urllib.error.HTTPError) as refused:
             gw.api("whoami", password="wrong-" + secrets.token_hex(4))
         assert refused.value.code == 401
-        # PostgreSQL is published on the loopback interface only.
+        # PostgreSQL, AMQP and the management UI are published on the loopback interface
+        # only; MQTT, for the Pis, on every interface.
         postgres = next(c for c in containers if gw.service(c) == "postgres")
         bindings = postgres["HostConfig"]["PortBindings"]["5432/tcp"]
         assert [b["HostIp"] for b in bindings] == ["127.0.0.1"], bindings
+        rabbitmq = next(c for c in containers if gw.service(c) == "rabbitmq")
+        published = rabbitmq["HostConfig"]["PortBindings"]
+        assert [b["HostIp"] for b in published["5672/tcp"]] == ["127.0.0.1"], published
+        assert [b["HostIp"] for b in published["15672/tcp"]] == ["127.0.0.1"], published
+        every_interface = ([""], ["0.0.0.0"])  # noqa: S104 - the Pis must reach MQTT
+        assert [b["HostIp"] for b in published["1883/tcp"]] in every_interface, published
+        assert set(published) == {"1883/tcp", "5672/tcp", "15672/tcp"}, published
+        # The schema belongs to its owner role, which is not a superuser; migrate ran as it.
+        owners = gw.sql(
+            "SELECT DISTINCT pg_get_userbyid(c.relowner), r.rolsuper FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_roles r ON r.oid = c.relowner WHERE n.nspname = 'public'"
+        )
+        assert owners == [(gw.settings["MIGRATE_DB_USER"], False)], owners
         published = gw.compose("port", "postgres", "5432").strip()
         assert published == f"127.0.0.1:{gw.settings['POSTGRES_PORT']}", published
         assert gw.sql("SELECT current_user")[0][0] == gw.settings["READER_DB_USER"]
@@ -440,3 +476,119 @@ def _run_quick_start(gw: Gateway) -> None:
             print(f"{node}: {rows} readings, sequence numbers {low}..{high} each once")
         restarts = {c["Name"]: c["RestartCount"] for c in gw.containers()}
         assert all(count == 0 for count in restarts.values()), restarts
+
+    with gw.phase("tls"):
+        _tls_on(gw, password)
+
+
+def _tls_on(gw: Gateway, password: str) -> None:
+    """The README's TLS steps: make-certs.sh, chown 999 the key, up with compose.tls.yml. Then
+    plain MQTT is closed (not published, not listening), the node publishes over TLS with the
+    CA certificate, AMQP and the UI stay on loopback, and the CA's key is not in the broker."""
+    certs = Path(gw.settings["TLS_CERTS_DIR"])
+    subprocess.run(
+        ["sh", str(REPO / "gateway/tls/make-certs.sh"), str(certs), "localhost"],
+        check=True,
+        capture_output=True,
+    )
+    os.chown(certs / "broker" / "server.key", 999, -1)
+    gw.overrides = ["gateway/compose.tls.yml"]
+    gw.compose("up", "-d")
+    containers = gw.wait_healthy({"rabbitmq": 1, "postgres": 1, "pipeline": 2})
+    rabbitmq = next(c for c in containers if gw.service(c) == "rabbitmq")
+    published = rabbitmq["HostConfig"]["PortBindings"]
+    assert set(published) == {"8883/tcp", "5672/tcp", "15672/tcp"}, published
+    assert [b["HostIp"] for b in published["5672/tcp"]] == ["127.0.0.1"], published
+    assert [b["HostIp"] for b in published["15672/tcp"]] == ["127.0.0.1"], published
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        assert probe.connect_ex(("127.0.0.1", int(gw.settings["MQTT_PORT"]))) != 0
+    tables = gw.exec("rabbitmq", "sh", "-c", "cat /proc/net/tcp /proc/net/tcp6")
+    listening = {
+        fields[1].rsplit(":", 1)[1]
+        for fields in (line.split() for line in tables.splitlines())
+        if len(fields) > 3 and fields[3] == "0A"
+    }
+    assert "075B" not in listening, "plain MQTT (1883) listens in the broker"
+    assert "22B3" in listening, "MQTT over TLS (8883) does not listen"
+    mounted = gw.exec("rabbitmq", "ls", "-A", "/etc/rabbitmq/tls").split()
+    assert sorted(mounted) == ["ca.pem", "server.key", "server.pem"], mounted
+    before = gw.node_rows(NODE)[0]
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="pi-compose-tls")
+    client.username_pw_set(NODE, password)
+    client.tls_set(ca_certs=str(certs / "broker" / "ca.pem"), cert_reqs=ssl.CERT_REQUIRED)
+    client.connect("localhost", int(gw.settings["MQTT_TLS_PORT"]), keepalive=30)
+    client.loop_start()
+    try:
+        info = client.publish(
+            f"sensors/{NODE}/{SENSOR}",
+            json.dumps(
+                {
+                    "version": 1,
+                    "node": NODE,
+                    "sensor": SENSOR,
+                    "kind": "ds18b20",
+                    "seq": 10_000_000,
+                    "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "temperature_c": 20.0,
+                }
+            ),
+            qos=1,
+        )
+        info.wait_for_publish(20)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    wait_for("the reading sent over TLS", lambda: gw.node_rows(NODE)[0] == before + 1, 60, 0.5)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.usefixtures("standins")
+def test_compose_refuses_placeholder_and_weak_passwords(
+    docker_engine: DockerEngine, tmp_path: Path
+) -> None:
+    """`docker compose up` with .env.example as it is (every password change-me), then with one
+    short password, then with Grafana's placeholder left: each time the gateway refuses to
+    start, says which variable to set, and starts neither the broker nor the database."""
+    base = _move_ports((REPO / ".env.example").read_text(encoding="utf-8"))
+    strong = re.sub(r"change-me", lambda _m: "pw-" + secrets.token_urlsafe(18), base)
+    cases = {
+        "placeholders": (
+            base,
+            [
+                "RABBITMQ_ADMIN_PASSWORD",
+                "POSTGRES_PASSWORD",
+                "MIGRATE_DB_PASSWORD",
+                "GRAFANA_ADMIN_PASSWORD",
+            ],
+        ),
+        "short": (
+            re.sub(r"^READER_DB_PASSWORD=.*$", "READER_DB_PASSWORD=Tr0ub4dor", strong, flags=re.M),
+            ["READER_DB_PASSWORD"],
+        ),
+        "grafana": (
+            re.sub(
+                r"^GRAFANA_ADMIN_PASSWORD=.*$",
+                "GRAFANA_ADMIN_PASSWORD=change-me",
+                strong,
+                flags=re.M,
+            ),
+            ["GRAFANA_ADMIN_PASSWORD"],
+        ),
+    }
+    for case, (text, named) in cases.items():
+        env_file = tmp_path / f"{case}.env"
+        env_file.write_text(text, encoding="utf-8")
+        gw = Gateway(docker_engine, env_file, dict(re.findall(r"^([A-Z_]+)=(.*)$", text, re.M)))
+        try:
+            done = gw.run("up", "-d", timeout=300)
+            logs = gw.run("logs", "preflight").stdout
+            assert done.returncode != 0, f"{case}: the gateway started:\n{done.stdout}"
+            for variable in named:
+                assert f"preflight: {variable} " in logs, (case, variable, logs)
+            running = {gw.service(c) for c in gw.containers() if c["State"]["Running"]}
+            assert not running & {"rabbitmq", "postgres", "pipeline"}, (case, running)
+            assert "pw-" not in logs, "a password was printed"
+        finally:
+            gw.run("down", "--volumes", timeout=120)

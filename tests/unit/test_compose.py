@@ -66,8 +66,10 @@ def scripts(package: str) -> set[str]:
 def test_the_compose_parser_accepts_the_file() -> None:
     compose = parsed()
     assert set(compose.service_names()) == {
+        "preflight",
         "rabbitmq",
         "postgres",
+        "db-roles",
         "migrate",
         "pipeline",
         "edge-demo-1",
@@ -114,14 +116,22 @@ def test_health_conditions_order_the_start() -> None:
     assert depends["rabbitmq"]["condition"] == "service_healthy"
     assert depends["postgres"]["condition"] == "service_healthy"
     assert depends["migrate"]["condition"] == "service_completed_successfully"
-    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["db-roles"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert (
+        services["migrate"]["depends_on"]["db-roles"]["condition"]
+        == "service_completed_successfully"
+    )
+    # Nothing starts before the preflight refused or passed the passwords.
+    for name in ("rabbitmq", "postgres", "grafana"):
+        condition = services[name]["depends_on"]["preflight"]["condition"]
+        assert condition == "service_completed_successfully", name
     assert services["pipeline"]["deploy"]["replicas"] == 2
     assert services["pipeline"]["restart"] == "unless-stopped"
 
 
 def test_profiles() -> None:
     services = raw()["services"]
-    core = {"rabbitmq", "postgres", "migrate", "pipeline"}
+    core = {"preflight", "rabbitmq", "postgres", "db-roles", "migrate", "pipeline"}
     for name in core:
         assert "profiles" not in services[name], name
     for n in (1, 2, 3):
