@@ -312,6 +312,10 @@ def test_legacy_readings_in_one_millisecond_share_a_seq() -> None:
                 {"t1": 2},
             ),
         ),
+        (
+            b'{"version":1,"node":"pi-01","state":"offline","session":"00ff00ff00ff00ff"}',
+            NodeStatus("pi-01", "offline", None, None, None, None, None, None, "00ff00ff00ff00ff"),
+        ),
     ],
 )
 def test_decode_status(body: bytes, expected: NodeStatus) -> None:
@@ -347,6 +351,27 @@ def test_decode_status(body: bytes, expected: NodeStatus) -> None:
             "agent_version: '\\ud800' contains unprintable characters",
         ),
         (b'{"node":"pi-01","state":"online"}', "status.pi-01", "version: missing"),
+        (
+            b'{"version":1,"node":"pi-01","state":"online","session":"00FF00FF00FF00FF"}',
+            "status.pi-01",
+            "session: '00FF00FF00FF00FF' is not 16 lowercase hex digits (the connection's id)",
+        ),
+        (
+            # the decoder uses fullmatch: a `$`-anchored re.search lets a trailing newline through
+            b'{"version":1,"node":"pi-01","state":"online","session":"00ff00ff00ff00ff\\n"}',
+            "status.pi-01",
+            "session: '00ff00ff00ff00ff\\n' is not 16 lowercase hex digits (the connection's id)",
+        ),
+        (
+            b'{"version":1,"node":"pi-01","state":"online","session":12}',
+            "status.pi-01",
+            "session: 12 is an integer, expected 16 lowercase hex digits",
+        ),
+        (
+            b'{"version":1,"node":"pi-01","state":"offline","session":null}',
+            "status.pi-01",
+            "session: null, expected 16 lowercase hex digits",
+        ),
     ],
 )
 def test_status_reasons(body: bytes, routing_key: str, reason: str) -> None:

@@ -105,3 +105,74 @@ def test_a_short_signing_key_is_refused_without_showing_it() -> None:
 def test_without_any_secret_there_is_no_signing_key() -> None:
     assert _settings().dead_letter_key is None
     assert _settings(RABBITMQ_URL="amqp://pipeline@rabbitmq/%2F").dead_letter_key is None
+
+
+# --- database timeouts (issue 13) ----------------------------------------------------------------
+
+_BASE_ENV = {"RABBITMQ_URL": "amqp://localhost/", "DATABASE_URL": "postgresql://u@db/t"}
+
+
+def test_database_timeouts_default_to_bounded_waits() -> None:
+    from pipeline.db import DatabaseTimeouts  # noqa: PLC0415
+
+    settings = ConsumerSettings.from_env(_BASE_ENV)
+    timeouts = settings.database_timeouts
+    assert timeouts == DatabaseTimeouts(connect_s=10, tcp_s=30, statement_s=30, lock_s=10)
+    assert timeouts.connect_args() == {
+        "connect_timeout": 10,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+        "options": "-c statement_timeout=30000 -c lock_timeout=10000",
+    }
+
+
+def test_database_timeouts_from_the_environment() -> None:
+    settings = ConsumerSettings.from_env(
+        {
+            **_BASE_ENV,
+            "PIPELINE_DB_CONNECT_TIMEOUT_S": "3",
+            "PIPELINE_DB_TCP_TIMEOUT_S": "1",
+            "PIPELINE_DB_STATEMENT_TIMEOUT_S": "0",
+            "PIPELINE_DB_LOCK_TIMEOUT_S": "0",
+        }
+    )
+    args = settings.database_timeouts.connect_args()
+    assert args["connect_timeout"] == 3
+    assert (args["keepalives_idle"], args["keepalives_interval"]) == (1, 1)
+    assert args["tcp_user_timeout"] == 1000
+    assert args["options"] == "-c statement_timeout=0 -c lock_timeout=0"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("PIPELINE_DB_CONNECT_TIMEOUT_S", "ten", "PIPELINE_DB_CONNECT_TIMEOUT_S='ten' is not an"),
+        ("PIPELINE_DB_CONNECT_TIMEOUT_S", "0", "PIPELINE_DB_CONNECT_TIMEOUT_S=0 is outside 1..600"),
+        ("PIPELINE_DB_TCP_TIMEOUT_S", "0", "PIPELINE_DB_TCP_TIMEOUT_S=0 is outside 1..600"),
+        ("PIPELINE_DB_TCP_TIMEOUT_S", "1.5", "PIPELINE_DB_TCP_TIMEOUT_S='1.5' is not an integer"),
+        (
+            "PIPELINE_DB_STATEMENT_TIMEOUT_S",
+            "-1",
+            "PIPELINE_DB_STATEMENT_TIMEOUT_S=-1 is outside 0..86400",
+        ),
+        ("PIPELINE_DB_LOCK_TIMEOUT_S", "30s", "PIPELINE_DB_LOCK_TIMEOUT_S='30s' is not an integer"),
+    ],
+)
+def test_a_bad_database_timeout_is_named_with_its_value(
+    name: str, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ConsumerSettings.from_env({**_BASE_ENV, name: value})
+    assert message in str(caught.value)
+
+
+def test_database_timeouts_are_checked_when_settings_are_made_directly() -> None:
+    with pytest.raises(ConfigError, match=r"DatabaseTimeouts\.connect_s=0 is outside 1\.\.86400"):
+        ConsumerSettings(
+            rabbitmq_url="amqp://localhost/",
+            database_url="postgresql://db/t",
+            db_connect_timeout_s=0,
+        )

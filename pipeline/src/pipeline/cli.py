@@ -83,7 +83,9 @@ def _cmd_consume(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    engine = make_engine(settings.database_url)
+    # Migrations connect without these limits (pipeline.migrate); the consumer never waits
+    # on the database without bound.
+    engine = make_engine(settings.database_url, timeouts=settings.database_timeouts)
     watchdog: ReaderWatchdog | None = None
     try:
         if not _wait_for_schema(engine, stop):
@@ -235,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Settings come from the environment: RABBITMQ_URL, RABBITMQ_USER, "
         "RABBITMQ_PASSWORD, DATABASE_URL, PIPELINE_PREFETCH, PIPELINE_BATCH_SIZE, "
         "PIPELINE_BATCH_MS, PIPELINE_METRICS_PORT, PIPELINE_LOG_INTERVAL_S, "
-        "PIPELINE_DEAD_LETTER_KEY (see README).",
+        "PIPELINE_DEAD_LETTER_KEY, PIPELINE_READER_QUERY_LIMIT_S, PIPELINE_DB_CONNECT_TIMEOUT_S, "
+        "PIPELINE_DB_TCP_TIMEOUT_S, PIPELINE_DB_STATEMENT_TIMEOUT_S, PIPELINE_DB_LOCK_TIMEOUT_S "
+        "(see README).",
     )
     p.add_argument(
         "--database-url", help="default: $DATABASE_URL; no password here: use PGPASSWORD"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from pipeline.db import DatabaseTimeouts
 from pipeline.errors import ConfigError
 from pipeline.origin import derive_key
 
@@ -55,6 +56,12 @@ class ConsumerSettings:
     log_interval_s: int = 60
     # Reader queries running longer are cancelled (pipeline.watchdog); 0 turns that off.
     reader_query_limit_s: int = 60
+    # How long the consumer waits for PostgreSQL (pipeline.db.DatabaseTimeouts): connecting,
+    # a silent network path, one statement, one lock; 0 turns the last two off.
+    db_connect_timeout_s: int = 10
+    db_tcp_timeout_s: int = 30
+    db_statement_timeout_s: int = 30
+    db_lock_timeout_s: int = 10
     readings_queue: str = "readings"
     status_queue: str = "node-status"
     dead_queue: str = "readings.dead"
@@ -75,6 +82,17 @@ class ConsumerSettings:
                 f"PIPELINE_PREFETCH={self.prefetch} is smaller than PIPELINE_BATCH_SIZE="
                 f"{self.batch_size}: a batch could never fill; use at least twice the batch size"
             )
+        self.database_timeouts  # noqa: B018 - checks the values now, not at the first connect
+
+    @property
+    def database_timeouts(self) -> DatabaseTimeouts:
+        """The limits for the consumer's engine: ``make_engine(url, timeouts=...)``."""
+        return DatabaseTimeouts(
+            connect_s=self.db_connect_timeout_s,
+            tcp_s=self.db_tcp_timeout_s,
+            statement_s=self.db_statement_timeout_s,
+            lock_s=self.db_lock_timeout_s,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ConsumerSettings:
@@ -94,6 +112,10 @@ class ConsumerSettings:
             metrics_port=_int(env, "PIPELINE_METRICS_PORT", 9102, 0, 65535),
             log_interval_s=_int(env, "PIPELINE_LOG_INTERVAL_S", 60, 1, 86_400),
             reader_query_limit_s=_int(env, "PIPELINE_READER_QUERY_LIMIT_S", 60, 0, 86_400),
+            db_connect_timeout_s=_int(env, "PIPELINE_DB_CONNECT_TIMEOUT_S", 10, 1, 600),
+            db_tcp_timeout_s=_int(env, "PIPELINE_DB_TCP_TIMEOUT_S", 30, 1, 600),
+            db_statement_timeout_s=_int(env, "PIPELINE_DB_STATEMENT_TIMEOUT_S", 30, 0, 86_400),
+            db_lock_timeout_s=_int(env, "PIPELINE_DB_LOCK_TIMEOUT_S", 10, 0, 86_400),
         )
 
 

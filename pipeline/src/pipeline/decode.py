@@ -79,6 +79,8 @@ _SHOW_MAX: Final = 60
 _STATES: Final = frozenset({"online", "offline"})
 
 _ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# One MQTT connection of an agent: 64 random bits as lowercase hex (gateway/schema/status.v1).
+_SESSION: Final = re.compile(r"[0-9a-f]{16}")
 # RFC 3339 date-time, shape only (fromisoformat checks the calendar). [0-9], not \d: \d would
 # accept other scripts' digits.
 _RFC3339: Final = re.compile(
@@ -107,6 +109,7 @@ _STATUS_FIELDS: Final = frozenset(
         "outbox_depth",
         "dropped",
         "read_errors",
+        "session",
     }
 )
 
@@ -135,7 +138,13 @@ class Reading(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class NodeStatus:
-    """A node's announcement on ``status/<node>``: its Last Will carries only ``state``."""
+    """A node's announcement on ``status/<node>``: its Last Will carries only ``state`` (and
+    ``session``, from agents that send one).
+
+    ``session`` names the MQTT connection the status belongs to (None from older agents): an
+    ``offline`` applies only to its own connection, and a late ``online`` never undoes its own
+    connection's ``offline`` (pipeline.store).
+    """
 
     node: str
     state: str
@@ -145,6 +154,7 @@ class NodeStatus:
     outbox_depth: int | None
     dropped: int | None
     read_errors: dict[str, int] | None
+    session: str | None = None
 
 
 # --- reasons -----------------------------------------------------------------------------------
@@ -601,7 +611,20 @@ def decode_status(body: bytes, routing_key: str, *, now: datetime) -> NodeStatus
     )
     dropped = _integer(obj["dropped"], "dropped", _MAX_COUNTER) if "dropped" in obj else None
     read_errors = _read_errors(obj["read_errors"]) if "read_errors" in obj else None
-    return NodeStatus(node, state, ts, agent_version, uptime_s, outbox_depth, dropped, read_errors)
+    session = _session(obj["session"]) if "session" in obj else None
+    return NodeStatus(
+        node, state, ts, agent_version, uptime_s, outbox_depth, dropped, read_errors, session
+    )
+
+
+def _session(value: object) -> str:
+    if type(value) is not str:
+        raise _wrong_type("session", value, "16 lowercase hex digits")
+    if _SESSION.fullmatch(value) is None:
+        raise Rejected(
+            f"session: {_show(value)} is not 16 lowercase hex digits (the connection's id)"
+        )
+    return value
 
 
 def _agent_version(value: object) -> str:

@@ -5,18 +5,25 @@ inserted (``RETURNING``), updates the per-minute and ten-minute rollups and the 
 per sensor. A redelivered batch therefore changes nothing twice. Rows are sorted by key before
 they are sent, and every upsert visits its keys in sorted order, so concurrent consumers wait
 for each other instead of deadlocking on rollup rows.
+
+A key that is already stored is a duplicate only if the content is the same: when the insert
+took fewer rows than it was given, one more query tells a redelivery from a reused sequence
+number, which is refused (dead-lettered by the caller), never silently dropped. Node statuses
+follow the session rule of ``_WRITE_STATUSES``, so a node's status never goes backwards.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from operator import itemgetter
+from typing import Any
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from pipeline.decode import NodeStatus, Reading
 
@@ -116,19 +123,47 @@ latest AS (
 SELECT count(*) FROM ins
 """.replace("{merge}", _MERGE_AGGREGATES)
 
+# The readings sent (``ord``: 1-based position among them) whose key is stored with other
+# content. Run after the insert, in the same transaction and with a new snapshot, so it sees the
+# rows this batch inserted (a key that two rows of the batch share is compared with the row that
+# won) and rows another consumer committed meanwhile; received_at is not content.
+_FIND_CONFLICTS = """
+SELECT b.ord, r.kind, r.ts, r.temperature_c, r.humidity_pct, r.time_uncertain
+  FROM unnest(
+        CAST(%(node)b AS text[]), CAST(%(sensor)b AS text[]), CAST(%(seq)b AS bigint[]),
+        CAST(%(kind)b AS text[]), CAST(%(ts)b AS timestamptz[]),
+        CAST(%(temperature_c)b AS float8[]), CAST(%(humidity_pct)b AS float8[]),
+        CAST(%(time_uncertain)b AS boolean[])
+  ) WITH ORDINALITY
+    AS b(node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain, ord)
+  JOIN readings AS r ON r.node = b.node AND r.sensor = b.sensor AND r.seq = b.seq
+ WHERE (r.kind, r.ts, r.temperature_c, r.humidity_pct, r.time_uncertain)
+       IS DISTINCT FROM (b.kind, b.ts, b.temperature_c, b.humidity_pct, b.time_uncertain)
+ ORDER BY b.ord
+"""
+
+# The WHERE of DO UPDATE is the session rule (Sparkplug's bdSeq idea): `session` names one MQTT
+# connection, carried by its statuses and its Last Will. An `offline` applies only to the
+# connection it belongs to (or to a row of an agent that sends no session), so the Last Will
+# of an earlier connection, which RabbitMQ publishes when the new connection takes the client
+# id over, or which another consumer replica commits late, never marks a reconnected node
+# offline. An `online` never undoes its own connection's `offline` (a late heartbeat). Statuses
+# without a session apply as they arrive. A status that does not apply changes nothing, not
+# even last_seen: it is older news than the stored row.
 _WRITE_STATUSES = text(
     """
 INSERT INTO nodes AS n
     (node, state, state_since, last_seen, reported_at, agent_version, uptime_s, outbox_depth,
-     dropped, read_errors)
+     dropped, read_errors, session)
 SELECT node, state, now(), now(), reported_at, agent_version, uptime_s, outbox_depth, dropped,
-       CAST(read_errors AS jsonb)
+       CAST(read_errors AS jsonb), session
   FROM unnest(
         CAST(:node AS text[]), CAST(:state AS text[]), CAST(:reported_at AS timestamptz[]),
         CAST(:agent_version AS text[]), CAST(:uptime_s AS float8[]),
         CAST(:outbox_depth AS bigint[]), CAST(:dropped AS bigint[]),
-        CAST(:read_errors AS text[])
-  ) AS u(node, state, reported_at, agent_version, uptime_s, outbox_depth, dropped, read_errors)
+        CAST(:read_errors AS text[]), CAST(:session AS text[])
+  ) AS u(node, state, reported_at, agent_version, uptime_s, outbox_depth, dropped, read_errors,
+         session)
  ORDER BY node
 ON CONFLICT ON CONSTRAINT nodes_pkey DO UPDATE SET
     state_since = CASE WHEN n.state = EXCLUDED.state THEN n.state_since ELSE now() END,
@@ -139,7 +174,13 @@ ON CONFLICT ON CONSTRAINT nodes_pkey DO UPDATE SET
     uptime_s = COALESCE(EXCLUDED.uptime_s, n.uptime_s),
     outbox_depth = COALESCE(EXCLUDED.outbox_depth, n.outbox_depth),
     dropped = COALESCE(EXCLUDED.dropped, n.dropped),
-    read_errors = COALESCE(EXCLUDED.read_errors, n.read_errors)
+    read_errors = COALESCE(EXCLUDED.read_errors, n.read_errors),
+    session = EXCLUDED.session
+WHERE EXCLUDED.session IS NULL
+   OR CASE EXCLUDED.state
+          WHEN 'offline' THEN n.session IS NULL OR n.session = EXCLUDED.session
+          ELSE n.state <> 'offline' OR n.session IS DISTINCT FROM EXCLUDED.session
+      END
 """
 )
 
@@ -148,15 +189,23 @@ ON CONFLICT ON CONSTRAINT nodes_pkey DO UPDATE SET
 class BatchResult:
     """What one committed batch did.
 
-    ``refused`` holds readings the database itself would not take (a constraint the decoder
-    does not know about), each with the database's reason; they were not written and must be
-    dead-lettered by the caller.
+    ``refused`` holds readings that were not written and must be dead-lettered by the caller,
+    each as (index into ``readings``, reason): rows the database itself would not take (a
+    constraint the decoder does not know about), and readings whose (node, sensor, seq) is
+    stored with different content (a reused sequence number; ``conflicts`` counts those). A
+    true duplicate (same content) is counted in ``duplicates`` and is not refused.
+
+    ``refused_statuses`` holds statuses the database would not take, as (index into
+    ``statuses``, reason); ``statuses`` counts the others, applied or, by the session rule,
+    found older than the stored row.
     """
 
     inserted: int
     duplicates: int
     statuses: int
     refused: tuple[tuple[int, str], ...] = ()
+    refused_statuses: tuple[tuple[int, str], ...] = ()
+    conflicts: int = 0
 
 
 class Store:
@@ -171,34 +220,50 @@ class Store:
         """Insert ``readings`` and apply ``statuses`` in one transaction.
 
         Returns when the transaction has committed. If the database refuses the batch for its
-        data (not for being unreachable), the rows are retried one by one in savepoints so
-        one bad row cannot hold back the others; the refused ones are reported by index.
+        data (not for being unreachable), the part it refused is retried one row (readings) or
+        one node (statuses) at a time in savepoints, so one bad row cannot hold back the others;
+        the refused ones are reported by index. Readings whose key is stored with different
+        content are reported as refused too (see :class:`BatchResult`).
 
         Raises:
             sqlalchemy.exc.OperationalError (and other DBAPI errors): the database is
-                unreachable or failed; nothing was committed, the caller retries the batch.
+                unreachable, failed, or a statement ran into the engine's statement or lock
+                timeout; nothing was committed, the caller retries the batch.
         """
+        stage = "readings"
         try:
             # The common case: one statement for the whole batch, no savepoint round trips.
             with self._engine.begin() as conn:
-                inserted = self._insert(conn, sorted(readings, key=_KEY))
-                applied = self._apply_statuses(conn, statuses)
-            return BatchResult(
-                inserted=inserted, duplicates=len(readings) - inserted, statuses=applied
+                inserted, conflicts = self._insert_batch(conn, readings)
+                stage = "statuses"
+                self._apply_statuses(conn, _merged(statuses))
+            return _result(
+                readings=len(readings),
+                inserted=inserted,
+                refused=[],
+                conflicts=conflicts,
+                statuses=len(statuses),
+                refused_statuses=[],
             )
         except (DataError, IntegrityError):
-            if not readings:
-                raise
-        # The batch rolled back as a whole; again, with each row in its own savepoint.
-        order = sorted(range(len(readings)), key=lambda i: _KEY(readings[i]))
+            pass
+        # The batch rolled back as a whole; again, with the refused part split into savepoints.
         with self._engine.begin() as conn:
-            inserted, refused = self._insert_one_by_one(conn, readings, order)
-            applied = self._apply_statuses(conn, statuses)
-        return BatchResult(
+            if stage == "readings":
+                inserted, refused, conflicts = self._insert_one_by_one(conn, readings)
+            else:
+                inserted, conflicts = self._insert_batch(conn, readings)
+                refused = []
+            refused_statuses = self._apply_statuses_split(
+                conn, statuses, whole_first=stage == "readings"
+            )
+        return _result(
+            readings=len(readings),
             inserted=inserted,
-            duplicates=len(readings) - len(refused) - inserted,
-            statuses=applied,
-            refused=tuple(refused),
+            refused=refused,
+            conflicts=conflicts,
+            statuses=len(statuses),
+            refused_statuses=refused_statuses,
         )
 
     def _insert(self, conn: Connection, rows: Sequence[Reading]) -> int:
@@ -209,51 +274,164 @@ class Store:
         params = {name: list(col) for name, col in zip(Reading._fields, columns, strict=True)}
         return int(conn.exec_driver_sql(_WRITE_READINGS, params).scalar_one())
 
-    def _insert_one_by_one(
-        self, conn: Connection, readings: Sequence[Reading], order: Sequence[int]
+    def _insert_batch(
+        self, conn: Connection, readings: Sequence[Reading]
     ) -> tuple[int, list[tuple[int, str]]]:
+        """Insert all readings in one statement; (rows inserted, reused keys as refusals)."""
+        inserted = self._insert(conn, sorted(readings, key=_KEY))
+        if inserted == len(readings):
+            return inserted, []  # nothing conflicted: the common path asks nothing more
+        return inserted, self._find_conflicts(conn, readings, range(len(readings)))
+
+    def _insert_one_by_one(
+        self, conn: Connection, readings: Sequence[Reading]
+    ) -> tuple[int, list[tuple[int, str]], list[tuple[int, str]]]:
+        """Each reading in its own savepoint; (inserted, refused by the database, conflicts)."""
         inserted = 0
         refused: list[tuple[int, str]] = []
-        for i in order:
+        not_inserted: list[int] = []
+        for i in sorted(range(len(readings)), key=lambda i: _KEY(readings[i])):
             try:
                 with conn.begin_nested():
-                    inserted += self._insert(conn, [readings[i]])
+                    if self._insert(conn, [readings[i]]):
+                        inserted += 1
+                    else:
+                        not_inserted.append(i)
             except (DataError, IntegrityError) as exc:
-                reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-                refused.append((i, f"database refused the row: {reason}"))
-        log.warning("batch split row by row refused=%d inserted=%d", len(refused), inserted)
-        return inserted, refused
-
-    def _apply_statuses(self, conn: Connection, statuses: Sequence[NodeStatus]) -> int:
-        if not statuses:
-            return 0
-        # One row per node: a later message of the batch wins, and its missing counters are
-        # taken from the earlier ones (an Last Will carries none).
-        merged: dict[str, NodeStatus] = {}
-        for status in statuses:
-            merged[status.node] = _merge(merged.get(status.node), status)
-        rows = [merged[node] for node in sorted(merged)]
-        conn.execute(
-            _WRITE_STATUSES,
-            {
-                "node": [s.node for s in rows],
-                "state": [s.state for s in rows],
-                "reported_at": [s.ts for s in rows],
-                "agent_version": [s.agent_version for s in rows],
-                "uptime_s": [s.uptime_s for s in rows],
-                "outbox_depth": [s.outbox_depth for s in rows],
-                "dropped": [s.dropped for s in rows],
-                "read_errors": [
-                    None if s.read_errors is None else json.dumps(s.read_errors) for s in rows
-                ],
-            },
+                refused.append((i, f"database refused the row: {_reason(exc)}"))
+        conflicts = self._find_conflicts(conn, readings, not_inserted) if not_inserted else []
+        log.warning(
+            "batch split row by row refused=%d conflicts=%d inserted=%d",
+            len(refused),
+            len(conflicts),
+            inserted,
         )
-        return len(statuses)
+        return inserted, refused, conflicts
+
+    def _find_conflicts(
+        self, conn: Connection, readings: Sequence[Reading], indices: Iterable[int]
+    ) -> list[tuple[int, str]]:
+        """The readings among ``indices`` whose key is stored with other content, as refusals.
+
+        One query, in the batch's transaction, after the insert: it sees the rows this batch
+        inserted, so two readings of the batch with one key and different content are found
+        too (the one that did not win the insert is the conflict).
+        """
+        chosen = list(indices)
+        rows = [readings[i] for i in chosen]
+        # The same transposition as _insert: a named tuple's columns at C speed.
+        columns = zip(*rows, strict=True)
+        params = {name: list(col) for name, col in zip(Reading._fields, columns, strict=True)}
+        found: list[tuple[int, str]] = []
+        for ord_, kind, ts, temperature_c, humidity_pct, time_uncertain in conn.exec_driver_sql(
+            _FIND_CONFLICTS, params
+        ):
+            i = chosen[ord_ - 1]
+            new = readings[i]
+            stored = new._replace(
+                kind=kind,
+                ts=ts,
+                temperature_c=temperature_c,
+                humidity_pct=humidity_pct,
+                time_uncertain=time_uncertain,
+            )
+            found.append((i, _conflict_reason(new, stored)))
+        if found:
+            log.warning(
+                "sequence numbers reused with different content conflicts=%d first=%s",
+                len(found),
+                found[0][1],
+            )
+        return found
+
+    def _apply_statuses(self, conn: Connection, rows: Sequence[_NodeRows]) -> None:
+        if rows:
+            conn.execute(_WRITE_STATUSES, _status_params([merged for merged, _ in rows]))
+
+    def _apply_statuses_split(
+        self, conn: Connection, statuses: Sequence[NodeStatus], *, whole_first: bool
+    ) -> list[tuple[int, str]]:
+        """Apply the statuses, one node per savepoint if the database refuses them together.
+
+        Returns the refused ones as (index into ``statuses``, reason), every index of a node
+        whose merged row was refused.
+        """
+        rows = _merged(statuses)
+        if whole_first:
+            try:
+                with conn.begin_nested():
+                    self._apply_statuses(conn, rows)
+            except (DataError, IntegrityError):
+                pass
+            else:
+                return []
+        refused: list[tuple[int, str]] = []
+        for row in rows:
+            try:
+                with conn.begin_nested():
+                    self._apply_statuses(conn, [row])
+            except (DataError, IntegrityError) as exc:
+                reason = f"database refused the status: {_reason(exc)}"
+                refused.extend((i, reason) for i in row[1])
+        if refused:
+            log.warning(
+                "status batch split node by node refused_statuses=%d reason=%s",
+                len(refused),
+                refused[0][1],
+            )
+        return sorted(refused)
+
+
+# A node's merged status and the indices (into the batch's statuses) it was merged from.
+_NodeRows = tuple[NodeStatus, list[int]]
+
+
+def _merged(statuses: Sequence[NodeStatus]) -> list[_NodeRows]:
+    """One row per node, in node order (every upsert visits its keys in sorted order)."""
+    merged: dict[str, NodeStatus] = {}
+    indices: dict[str, list[int]] = {}
+    for i, status in enumerate(statuses):
+        merged[status.node] = _merge(merged.get(status.node), status)
+        indices.setdefault(status.node, []).append(i)
+    return [(merged[node], indices[node]) for node in sorted(merged)]
+
+
+def _status_params(rows: Sequence[NodeStatus]) -> dict[str, list[Any]]:
+    return {
+        "node": [s.node for s in rows],
+        "state": [s.state for s in rows],
+        "reported_at": [s.ts for s in rows],
+        "agent_version": [s.agent_version for s in rows],
+        "uptime_s": [s.uptime_s for s in rows],
+        "outbox_depth": [s.outbox_depth for s in rows],
+        "dropped": [s.dropped for s in rows],
+        "read_errors": [None if s.read_errors is None else json.dumps(s.read_errors) for s in rows],
+        "session": [s.session for s in rows],
+    }
+
+
+def _applies(stored: NodeStatus, new: NodeStatus) -> bool:
+    """The session rule of ``_WRITE_STATUSES``, for statuses of one node within a batch."""
+    if new.session is None:
+        return True
+    if new.state == "offline":
+        return stored.session is None or stored.session == new.session
+    return stored.state != "offline" or stored.session != new.session
 
 
 def _merge(old: NodeStatus | None, new: NodeStatus) -> NodeStatus:
+    """Fold ``new`` into the batch's earlier status of its node, as the database would.
+
+    A later message of the batch wins, and its missing counters are taken from the earlier
+    ones (a Last Will carries none), unless the session rule says it is older news: then the
+    earlier status stays as it was. One consumer meets that too: when an agent reconnects,
+    RabbitMQ publishes the old connection's Last Will as the new connection takes the client
+    id over, after the new connection's ``online`` may already be queued.
+    """
     if old is None:
         return new
+    if not _applies(old, new):
+        return old
     return NodeStatus(
         node=new.node,
         state=new.state,
@@ -263,4 +441,62 @@ def _merge(old: NodeStatus | None, new: NodeStatus) -> NodeStatus:
         outbox_depth=new.outbox_depth if new.outbox_depth is not None else old.outbox_depth,
         dropped=new.dropped if new.dropped is not None else old.dropped,
         read_errors=new.read_errors if new.read_errors is not None else old.read_errors,
+        session=new.session,
+    )
+
+
+def _result(
+    *,
+    readings: int,
+    inserted: int,
+    refused: list[tuple[int, str]],
+    conflicts: list[tuple[int, str]],
+    statuses: int,
+    refused_statuses: list[tuple[int, str]],
+) -> BatchResult:
+    return BatchResult(
+        inserted=inserted,
+        duplicates=readings - inserted - len(refused) - len(conflicts),
+        statuses=statuses - len(refused_statuses),
+        refused=tuple(sorted(refused + conflicts)) if conflicts else tuple(refused),
+        refused_statuses=tuple(refused_statuses),
+        conflicts=len(conflicts),
+    )
+
+
+def _reason(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+
+
+def _format_ts(ts: datetime) -> str:
+    naive = ts.astimezone(UTC).replace(tzinfo=None)
+    spec = "milliseconds" if naive.microsecond % 1000 == 0 else "microseconds"
+    return naive.isoformat(timespec=spec) + "Z"
+
+
+def _format_value(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return _format_ts(value)
+    return str(value)
+
+
+def _conflict_reason(new: Reading, stored: Reading) -> str:
+    """Names the key and both versions: ts and temperature_c always, the rest where they differ."""
+    fields = ["ts", "temperature_c"] + [
+        name
+        for name in ("humidity_pct", "kind", "time_uncertain")
+        if getattr(stored, name) != getattr(new, name)
+    ]
+
+    def shown(reading: Reading) -> str:
+        return " ".join(f"{name}={_format_value(getattr(reading, name))}" for name in fields)
+
+    return (
+        "sequence number reused with different content: "
+        f"node={new.node} sensor={new.sensor} seq={new.seq}; "
+        f"stored {shown(stored)}; this message {shown(new)}"
     )
