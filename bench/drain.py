@@ -1,6 +1,6 @@
 """Pipeline drain: N queued readings into PostgreSQL, next to its baselines, in one run.
 
-    .venv/bin/python -m bench.drain [--readings 200000] [--course-readings 5000]
+    .venv/bin/python -m bench.drain [--readings 200000] [--course-readings 5000] [--hostile 0.1]
 
 Starts a private RabbitMQ and PostgreSQL (the test harness, configured by gateway/), queues
 the readings, and measures, each on the same data:
@@ -8,6 +8,9 @@ the readings, and measures, each on the same data:
   ours x1 / x2      `pipeline consume` (one, then two replicas): decode, validate, batch,
                     insert ON CONFLICT DO NOTHING, rollups, latest, one ack per batch;
                     timed from the moment a replica consumes (its start-up is printed)
+  ours x1 hostile   one replica on the same readings with a share (--hostile, default 10 %)
+                    of unusable messages mixed in, each dead-lettered with its reason; its
+                    rate counts every message taken off the queue, stored or dead-lettered
   (a) raw AMQP      pika, same prefetch, json.loads, ack multiple every 500, no database
   (b) raw COPY      COPY of the same rows into the same table, 1000-row transactions
   (c) course-style  prefetch 1, one INSERT and COMMIT per message, ack per message
@@ -61,6 +64,46 @@ def readings(n: int, offset: int = 0) -> list[tuple[str, bytes]]:
     return out
 
 
+# Unusable messages of the kinds a broken or hostile node sends: each one is dead-lettered.
+def _reading_json(node: str, kind: str, temperature_c: float) -> bytes:
+    return json.dumps(
+        {
+            "version": 1,
+            "node": node,
+            "sensor": "s0",
+            "kind": kind,
+            "seq": 1,
+            "ts": "2026-01-01T00:00:00Z",
+            "temperature_c": temperature_c,
+        }
+    ).encode()
+
+
+_HOSTILE: tuple[bytes, ...] = (
+    b"not json at all",
+    b'{"version": 1, "node": "node-0"}',
+    _reading_json("node-0", "ds18b20", 999),  # out of the sensor's range
+    _reading_json("other", "ds18b20", 20),  # another node's id on node-0's topic
+    _reading_json("node-0", "toaster", 20),  # no such kind
+    b"[" * 500,
+)
+
+
+def mixed(clean: list[tuple[str, bytes]], share: float) -> tuple[list[tuple[str, bytes]], int]:
+    """The clean readings with unusable messages spread evenly among them: (messages, hostile)."""
+    if share <= 0:
+        return clean, 0
+    every = max(1, round((1 - share) / share))  # 10 %: one hostile after every 9 clean ones
+    out: list[tuple[str, bytes]] = []
+    hostile = 0
+    for i, message in enumerate(clean):
+        out.append(message)
+        if (i + 1) % every == 0:
+            out.append(("sensors.node-0.s0", _HOSTILE[hostile % len(_HOSTILE)]))
+            hostile += 1
+    return out, hostile
+
+
 def publish(broker: RabbitBroker, messages: list[tuple[str, bytes]]) -> None:
     props = pika.BasicProperties(delivery_mode=2)
     with contextlib.closing(broker.connection(broker.admin)) as conn:
@@ -99,7 +142,18 @@ CPU_SPLIT: dict[str, dict[str, float]] = {}
 STARTUP: dict[str, float] = {}
 
 
-def ours(broker: RabbitBroker, pg: PostgresServer, url: str, n: int, replicas: int) -> int:
+def ours(
+    broker: RabbitBroker,
+    pg: PostgresServer,
+    url: str,
+    n: int,
+    replicas: int,
+    *,
+    dead: int = 0,
+    label: str | None = None,
+) -> int:
+    """Run ``replicas`` consumers until ``n`` rows are stored and ``dead`` messages
+    dead-lettered; return how many messages they took off the queue."""
     env = {
         **os.environ,
         "RABBITMQ_URL": f"amqp://127.0.0.1:{broker.amqp_port}/%2F",
@@ -137,18 +191,19 @@ def ours(broker: RabbitBroker, pg: PostgresServer, url: str, n: int, replicas: i
     )
     meter.start()
     try:
-        while count_rows(url) < n:
+        while count_rows(url) < n or (dead and broker.depth("readings.dead") < dead):
             time.sleep(0.05)
-        CPU_SPLIT[f"ours x{replicas}"] = meter.stop()
+        label = label or f"ours x{replicas}"
+        CPU_SPLIT[label] = meter.stop()
         # The interpreter's start, imports and connections are not throughput: the rate is
         # taken from the moment the first replica consumes.
-        STARTUP[f"ours x{replicas}"] = (ready[0] if ready else began) - began
+        STARTUP[label] = (ready[0] if ready else began) - began
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(60)
-    return n
+    return n + dead
 
 
 def raw_amqp(broker: RabbitBroker, n: int) -> int:
@@ -215,10 +270,36 @@ def course_style(broker: RabbitBroker, url: str, n: int) -> int:
     return got
 
 
+def hostile_run(
+    broker: RabbitBroker,
+    pg: PostgresServer,
+    data: list[tuple[str, bytes]],
+    share: float,
+    results: dict[str, float],
+) -> None:
+    """One replica on the same readings with ``share`` unusable messages mixed in."""
+    n = len(data)
+    messages, bad = mixed(data, share)
+    label = f"ours x1 {share:.0%} hostile"
+    print(f"{label}: queueing {n} readings and {bad} unusable messages", flush=True)
+    broker.purge("readings.dead")
+    publish(broker, messages)
+    label, done, s = timed(
+        label, lambda: ours(broker, pg, fresh_db(pg), n, 1, dead=bad, label=label)
+    )
+    startup = STARTUP[label]
+    print(f"  {label}: consuming after {startup:.1f} s of start-up, not counted")
+    results[label] = done / (s - startup)
+    print(f"  {label}: {results[label] / results['ours x1']:.0%} of the clean rate (messages/s)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readings", type=int, default=200_000)
     parser.add_argument("--course-readings", type=int, default=5_000)
+    parser.add_argument(
+        "--hostile", type=float, default=0.1, help="share of unusable messages (0 skips the run)"
+    )
     args = parser.parse_args()
     n = args.readings
     results: dict[str, float] = {}
@@ -236,6 +317,8 @@ def main() -> int:
             startup = STARTUP[label]
             print(f"  {label}: consuming after {startup:.1f} s of start-up, not counted")
             results[label] = done / (s - startup)
+        if args.hostile > 0:
+            hostile_run(broker, pg, data, args.hostile, results)
         print(f"(a) raw AMQP: queueing {n}", flush=True)
         publish(broker, data)
         meter = CpuMeter({"consumer": [os.getpid()]}, {"RabbitMQ": [broker.pid]})

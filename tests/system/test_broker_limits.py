@@ -228,9 +228,10 @@ def test_a_full_queue_refuses_publishes_and_the_agent_keeps_them(
         Outbox(outbox).close()
         first = _outbox(outbox)[1] + 1
         agent = AgentProcess(config)
-        # About 60 readings fill 16 KiB; then the queue refuses and the outbox grows.
+        # About 120 readings (130-140 bytes each) fill 16 KiB; then the queue refuses and the
+        # outbox grows.
         wait_for("the outbox growing behind a full queue", lambda: _outbox(outbox)[0] > 300, 60)
-        assert 0 < rabbit.depth("readings") < 120
+        assert 0 < rabbit.depth("readings") <= 16 * 1024 // 100  # every reading is > 100 bytes
         assert agent.alive(), f"the agent died on refused publishes:\n{agent.log[-2000:]}"
         rabbit.ctl("clear_policy", "test-small-readings")
         with ConsumerProcess(rabbit, database.writer_url):

@@ -423,14 +423,25 @@ def test_a_writer_bug_ends_the_session_and_loses_nothing(
 
 @pytest.mark.both_brokers
 def test_looking_at_dead_letters_never_loses_them(rabbit: RabbitBroker) -> None:
-    """`pipeline dead list` takes each dead letter without acknowledging it; on RabbitMQ 4 that
-    counts as a delivery, and the quorum queue's default delivery limit (20) would drop it.
-    The dead-letter queues' policy lifts the limit: 30 listings later it is still there."""
-    from pipeline.deadletters import list_dead  # noqa: PLC0415
+    """`pipeline dead list` and `dead replay --dry-run` take each dead letter without
+    acknowledging it; on RabbitMQ 4 that counts as a delivery, and a quorum queue's default
+    delivery limit (20) would drop it. The dead-letter queues' policy lifts the limit: after
+    30 listings and 30 dry runs of each dead-letter queue, every dead letter is still there,
+    unchanged."""
+    from pipeline.deadletters import list_dead, replay_dead  # noqa: PLC0415
 
-    rabbit.publish([("readings.dead", b'{"kept": true}')], exchange="")
-    rabbit.wait_depth("readings.dead", 1)
+    bodies = {"readings.dead": b'{"kept": 1}', "node-status.dead": b'{"kept": 2}'}
+    for queue, body in bodies.items():
+        rabbit.publish([(queue, body)], exchange="")
+        rabbit.wait_depth(queue, 1)
     for _ in range(30):
-        assert len(list_dead(rabbit.amqp_url(), "readings.dead", 10, key=None)) == 1
+        for queue, body in bodies.items():
+            [dead] = list_dead(rabbit.amqp_url(), queue, 10, key=None)
+            assert (dead.size, dead.preview) == (len(body), body.decode())
+            result = replay_dead(rabbit.amqp_url(), queue, 10, key=None, dry_run=True)
+            assert result.replayed == 0
     time.sleep(1.5)  # quorum queue counts lag about a second
-    assert rabbit.depth("readings.dead") == 1
+    for queue, body in bodies.items():
+        assert rabbit.depth(queue) == 1
+        [dead] = list_dead(rabbit.amqp_url(), queue, 10, key=None)
+        assert (dead.size, dead.preview) == (len(body), body.decode())

@@ -6,6 +6,11 @@ Two threads share the work so that the database round trip overlaps the broker's
   deliveries, decodes them, dead-letters what cannot be used, groups the rest into batches (by
   size or age, whichever comes first) and, when a batch has committed, acknowledges it with one
   ``basic_ack(multiple=True)``;
+* dead-letter copies are published with publisher confirms, but without waiting for each
+  confirm: the copies of a loop turn go out together, and the broker's confirms (one frame can
+  confirm many) settle them. A delivery is acknowledged only once its copy is confirmed, and a
+  multiple ack never reaches past a delivery that is not settled yet (:class:`_Settlement`), so a
+  flood of unusable messages costs the consumer about what decoding them costs;
 * the writer thread commits batches in order, one transaction each, and retries a batch while
   the database is unreachable: nothing is acknowledged meanwhile, so the broker keeps the
   messages and stops sending once the prefetch window is full.
@@ -19,18 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import logging
 import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, TypeVar
 
 import pika
+import pika.channel
 import pika.exceptions
+import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -128,6 +137,7 @@ class Batch:
     readings: list[Reading] = field(default_factory=list)
     reading_deliveries: list[Delivery] = field(default_factory=list)
     statuses: list[NodeStatus] = field(default_factory=list)
+    status_deliveries: list[Delivery] = field(default_factory=list)
     tags: list[int] = field(default_factory=list)
 
     @property
@@ -139,9 +149,10 @@ class Batch:
         self.reading_deliveries.append(delivery)
         self.tags.append(delivery.tag)
 
-    def add_status(self, status: NodeStatus, tag: int) -> None:
+    def add_status(self, status: NodeStatus, delivery: Delivery) -> None:
         self.statuses.append(status)
-        self.tags.append(tag)
+        self.status_deliveries.append(delivery)
+        self.tags.append(delivery.tag)
 
 
 class Writer(threading.Thread):
@@ -150,16 +161,50 @@ class Writer(threading.Thread):
     While the database is unreachable the current batch is retried with back-off. When
     :meth:`stop` is called, the writer finishes what it has, giving up on a batch it still
     cannot commit after ``grace_s`` (that batch is then simply not acknowledged: redelivery).
+
+    A commit that neither succeeds nor fails (a database that stopped answering on an open
+    connection) is reported by :meth:`check_stalled`, which the AMQP thread calls every turn:
+    after ``stall_after_s`` it logs an error and sets ``pipeline_database_up`` to 0 until the
+    commit returns. The connection's own timeouts (pipeline.db) end such a commit in the end.
     """
 
-    def __init__(self, store: Store, metrics: Metrics, *, grace_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        *,
+        grace_s: float = 20.0,
+        stall_after_s: float = 60.0,
+    ) -> None:
         super().__init__(name="pipeline-writer", daemon=True)
         self._store = store
         self._metrics = metrics
         self._grace_s = grace_s
+        self._stall_after_s = stall_after_s
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._stopping = threading.Event()
         self._stop_deadline = float("inf")
+        # When the commit in progress began (None: idle); written by this thread only.
+        self._busy_since: float | None = None
+        self._stall_reported: float | None = None  # the _busy_since a stall was reported for
+
+    def check_stalled(self) -> None:
+        """Report a commit that has waited longer than ``stall_after_s`` (once per commit)."""
+        began = self._busy_since
+        if began is None or began == self._stall_reported:
+            return
+        waited = time.monotonic() - began
+        if waited < self._stall_after_s:
+            return
+        self._stall_reported = began
+        DATABASE_UP.set(0)
+        log.error(
+            "database not answering: a commit has waited %.0f s, longer than the database "
+            "timeouts allow (%g s); nothing is acknowledged meanwhile, the broker keeps the "
+            "messages; check the database host and the network path to it",
+            waited,
+            self._stall_after_s,
+        )
 
     def submit(self, batch: Batch) -> None:
         self._queue.put(batch)
@@ -191,9 +236,11 @@ class Writer(threading.Thread):
         failures = 0
         while True:
             began = time.monotonic()
+            self._busy_since = began
             try:
                 result = self._store.write(batch.readings, batch.statuses)
             except (DBAPIError, SQLAlchemyError) as exc:
+                self._busy_since = None
                 DATABASE_UP.set(0)
                 failures += 1
                 if failures == 1:
@@ -211,7 +258,11 @@ class Writer(threading.Thread):
                     return None
                 time.sleep(backoff.next())
                 continue
+            finally:
+                self._busy_since = None
             DATABASE_UP.set(1)
+            if self._stall_reported == began:
+                log.info("database answered again after %.0f s", time.monotonic() - began)
             if failures:
                 log.info("database reachable again after failures=%d", failures)
             self._metrics.on_batch(
@@ -220,8 +271,138 @@ class Writer(threading.Thread):
                 result.duplicates,
                 result.statuses,
                 time.monotonic() - began,
+                conflicts=result.conflicts,
             )
             return result
+
+
+class _Settlement:
+    """Which deliveries one ``basic_ack(multiple=True)`` may settle.
+
+    Delivery tags grow in delivery order. A delivery is unsettled while it is in a batch that
+    has not committed, or while its dead-letter copy waits for the broker's confirm; such a
+    delivery must never be acknowledged by a multiple ack meant for later ones. This keeps the
+    highest tag that is ready (committed, or its copy confirmed) and the tags still waiting for
+    a confirm (a heap; a released tag leaves it lazily). Batches are the session's to track:
+    they commit in order, so the oldest one holds the lowest unsettled batch tag.
+    """
+
+    __slots__ = ("_held", "_released", "acked", "ready")
+
+    def __init__(self) -> None:
+        self.acked = 0  # the highest tag acknowledged with multiple=True
+        self.ready = 0  # the highest tag committed or confirmed
+        self._held: list[int] = []
+        self._released: set[int] = set()
+
+    def hold(self, tag: int) -> None:
+        """The delivery waits for its dead-letter copy's confirm."""
+        heapq.heappush(self._held, tag)
+
+    def release(self, tag: int, *, ready: bool) -> None:
+        """The copy is settled: confirmed (``ready``: ack it) or nacked on its own already."""
+        self._released.add(tag)
+        if ready and tag > self.ready:
+            self.ready = tag
+
+    def bound(self, lowest_in_batches: int | None) -> int:
+        """The highest tag that one multiple ack may settle now."""
+        held = self._held
+        while held and held[0] in self._released:
+            self._released.discard(heapq.heappop(held))
+        bound = self.ready
+        if held and held[0] <= bound:
+            bound = held[0] - 1
+        if lowest_in_batches is not None and lowest_in_batches <= bound:
+            bound = lowest_in_batches - 1
+        return bound
+
+
+class _DeadLetterPublisher:
+    """Publishes dead-letter copies in confirm mode without waiting for each confirm.
+
+    pika's BlockingChannel waits for the confirm of every publish in confirm mode: one round
+    trip (and the quorum queue's commit) per unusable message. This drives the channel's
+    underlying pika Channel instead, as pika's own asynchronous adapters do: publishes go out
+    at once, and the broker's Basic.Ack/Nack frames (one may confirm many) are collected by the
+    callbacks and handed out by :meth:`settled` on the session's thread, where the originals
+    are then acknowledged or rejected. A copy the broker returns (mandatory, no queue to route
+    to) or nacks is a failure.
+    """
+
+    def __init__(
+        self, channel: BlockingChannel, connection: pika.BlockingConnection, *, timeout_s: float
+    ) -> None:
+        # The blocking channel's underlying channel (see the class docstring).
+        impl: pika.channel.Channel = getattr(channel, "_impl")  # noqa: B009
+        self._impl = impl
+        self._sent = 0
+        # publish number -> (original delivery, the copy's message id); in publish order
+        self._pending: dict[int, tuple[Delivery, str | None]] = {}
+        self._returned: list[tuple[str | None, bytes]] = []
+        self._confirms: list[tuple[bool, int, bool]] = []  # (ack, publish number, multiple)
+        selected: list[bool] = []
+        impl.add_on_return_callback(self._on_return)
+        impl.confirm_delivery(
+            ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True)
+        )
+        deadline = time.monotonic() + timeout_s
+        while not selected:
+            if time.monotonic() > deadline:
+                raise SessionBrokenError("the broker did not turn on publisher confirms")
+            connection.process_data_events(time_limit=0.05)  # type: ignore[arg-type]
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    def publish(self, delivery: Delivery, queue_name: str, properties: BasicProperties) -> None:
+        self._impl.basic_publish("", queue_name, delivery.body, properties, mandatory=True)
+        self._sent += 1
+        self._pending[self._sent] = (delivery, properties.message_id)
+
+    def _on_return(
+        self,
+        _channel: pika.channel.Channel,
+        _method: Basic.Return,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._returned.append((properties.message_id, body))
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:  # type: ignore[type-arg]
+        method = frame.method
+        self._confirms.append(
+            (
+                isinstance(method, Basic.Ack),
+                int(method.delivery_tag or 0),
+                bool(method.multiple),
+            )
+        )
+
+    def settled(self) -> list[tuple[Delivery, str | None]]:
+        """Copies confirmed since the last call: (original, None) or (original, why it failed)."""
+        if not self._confirms:
+            return []
+        confirms, self._confirms = self._confirms, []
+        done: list[tuple[Delivery, str | None]] = []
+        for ack, number, multiple in confirms:
+            if multiple:
+                numbers = []
+                for n in self._pending:
+                    if n > number:
+                        break
+                    numbers.append(n)
+            else:
+                numbers = [number] if number in self._pending else []
+            for n in numbers:
+                delivery, message_id = self._pending.pop(n)
+                failure = None if ack else "the broker refused the copy (basic.nack)"
+                if (message_id, delivery.body) in self._returned:
+                    self._returned.remove((message_id, delivery.body))
+                    failure = "the dead-letter queue does not exist (basic.return)"
+                done.append((delivery, failure))
+        return done
 
 
 class Session:
@@ -245,9 +426,11 @@ class Session:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._dead_channel: BlockingChannel | None = None
+        self._dead: _DeadLetterPublisher | None = None
         self._batch: Batch | None = None
-        self._rejected: list[tuple[Delivery, str]] = []
-        self._in_flight = 0  # batches handed to the writer and not yet acknowledged
+        self._batches: deque[Batch] = deque()  # handed to the writer, not yet acknowledged
+        self._rejected: list[tuple[Delivery, str]] = []  # to dead-letter this turn
+        self._settlement = _Settlement()
         # Counted here and handed to the metrics once per loop turn, not once per message.
         self._consumed_readings = 0
         self._consumed_statuses = 0
@@ -266,7 +449,7 @@ class Session:
             self._channel = self._connection.channel()
             self._channel.basic_qos(prefetch_count=self._settings.prefetch)
             self._dead_channel = self._connection.channel()
-            self._dead_channel.confirm_delivery()
+            self._dead = _DeadLetterPublisher(self._dead_channel, self._connection, timeout_s=30)
             s = self._settings
             self._channel.basic_consume(s.readings_queue, self._on_reading)
             self._channel.basic_consume(s.status_queue, self._on_status)
@@ -312,13 +495,15 @@ class Session:
             # turn lasts at most a batch age, far below the 300 s tolerance.
             self._now = datetime.now(UTC)
             self._conn.process_data_events(time_limit=self._wait_time())  # type: ignore[arg-type]
-            self._settle_rejected()
+            self._publish_rejected()
+            self._apply_confirms()
             self._count_consumed()
             if self._batch is not None and (
                 self._batch.size >= self._settings.batch_size
                 or time.monotonic() - self._batch.started >= self._batch_age
             ):
                 self._flush()
+            self._writer.check_stalled()
             self._metrics.maybe_log()
 
     def _count_consumed(self) -> None:
@@ -330,23 +515,34 @@ class Session:
             self._consumed_statuses = 0
 
     def _wait_time(self) -> float:
+        # Dead-letter confirms arrive without waking the loop: look for them soon.
+        idle = 0.02 if self._dead is not None and self._dead.outstanding else 0.5
         if self._batch is None:
-            return 0.5
-        return max(0.0, self._batch_age - (time.monotonic() - self._batch.started))
+            return idle
+        return max(0.0, min(idle, self._batch_age - (time.monotonic() - self._batch.started)))
 
     def _shutdown(self) -> None:
         """Stop receiving, commit and acknowledge what was received, then return."""
         self._chan.stop_consuming()  # cancels both consumers; undispatched ones go back
         self._conn.process_data_events(time_limit=0)
-        self._settle_rejected()
+        self._publish_rejected()
         self._count_consumed()
         self._flush()
         deadline = time.monotonic() + _SHUTDOWN_GRACE_S
-        while self._in_flight and time.monotonic() < deadline:
-            self._conn.process_data_events(time_limit=0.05)  # type: ignore[arg-type]
-        if self._in_flight:
-            log.warning("shutdown with batches not committed batches=%d", self._in_flight)
+        while (self._batches or self._dead_outstanding()) and time.monotonic() < deadline:
+            self._conn.process_data_events(time_limit=0.02)  # type: ignore[arg-type]
+            self._publish_rejected()
+            self._apply_confirms()
+        if self._batches or self._dead_outstanding():
+            log.warning(
+                "shutdown with batches not committed batches=%d dead_letters_unconfirmed=%d",
+                len(self._batches),
+                self._dead_outstanding(),
+            )
         self._metrics.maybe_log(force=True)
+
+    def _dead_outstanding(self) -> int:
+        return self._dead.outstanding if self._dead is not None else 0
 
     # -- receiving -------------------------------------------------------------------------
     def _delivery(
@@ -391,12 +587,12 @@ class Session:
         self._consumed_statuses += 1
         status = self._decoded(delivery, decode_status)
         if status is not None:
-            self._current_batch().add_status(status, delivery.tag)
+            self._current_batch().add_status(status, delivery)
 
     def _decoded(self, delivery: Delivery, decode: Callable[..., _T]) -> _T | None:
         """The decoded message, or None after queueing it for the dead-letter queue."""
         if delivery.refused is not None:
-            self._rejected.append((delivery, delivery.refused))
+            self._reject(delivery, delivery.refused)
             return None
         try:
             return decode(delivery.body, delivery.routing_key, now=self._now)
@@ -404,7 +600,7 @@ class Session:
             reason = exc.reason
         except Exception as exc:  # noqa: BLE001 - a decoder bug: dead-letter, never die on input
             reason = _decoder_failed(exc)
-        self._rejected.append((delivery, reason))
+        self._reject(delivery, reason)
         return None
 
     def _current_batch(self) -> Batch:
@@ -416,28 +612,33 @@ class Session:
         batch, self._batch = self._batch, None
         if batch is None or batch.size == 0:
             return
-        self._in_flight += 1
+        self._batches.append(batch)
         self._writer.submit(batch)
 
     # -- dead letters ----------------------------------------------------------------------
-    def _settle_rejected(self) -> None:
-        """Dead-letter each rejected delivery with its reason, then acknowledge it."""
+    def _reject(self, delivery: Delivery, reason: str) -> None:
+        """Queue a delivery for the dead-letter queue; it stays unacknowledged until then."""
+        self._settlement.hold(delivery.tag)
+        self._rejected.append((delivery, reason))
+
+    def _publish_rejected(self) -> None:
+        """Publish the dead-letter copies queued this turn; their confirms come later."""
+        if not self._rejected:
+            return
         rejected, self._rejected = self._rejected, []
         for delivery, reason in rejected:
-            if self._dead_letter(delivery, reason):
-                self._chan.basic_ack(delivery.tag)
+            self._dead_letter(delivery, reason)
 
-    def _dead_letter(self, delivery: Delivery, reason: str) -> bool:
-        """Publish a copy into the dead-letter queue with the reason, and wait for the confirm.
+    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Publish a copy into the dead-letter queue with the reason (confirmed later).
 
-        Returns True when the copy is safely queued and the caller must acknowledge the
-        delivery. If the copy cannot be published, the delivery is rejected instead
+        When the broker confirms the copy, :meth:`_apply_confirms` acknowledges the delivery.
+        If the copy cannot be queued, the delivery is rejected instead
         (``basic_nack(requeue=False)``), so the queue's dead-letter policy still keeps it (with
-        ``x-death`` but without the reason, which is logged), and False is returned.
+        ``x-death`` but without the reason, which is logged).
         """
-        channel = self._chan
-        dead_channel = self._dead_channel
-        assert dead_channel is not None  # noqa: S101 - _chan checked it
+        dead = self._dead
+        assert dead is not None  # noqa: S101 - set up before any delivery
         dead_queue = (
             self._settings.status_dead_queue
             if delivery.queue == self._settings.status_queue
@@ -478,18 +679,41 @@ class Session:
             headers=headers,
         )
         self._metrics.on_rejected(delivery.queue)
-        try:
-            dead_channel.basic_publish("", dead_queue, delivery.body, copy, mandatory=True)
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
-            log.error(  # noqa: TRY400 - the reason matters here, not pika's traceback
-                "dead-letter copy refused, rejecting instead queue=%s reason=%s error=%s",
-                dead_queue,
-                reason,
-                exc,
+        dead.publish(delivery, dead_queue, copy)
+
+    def _apply_confirms(self) -> None:
+        """Settle the deliveries whose copies the broker confirmed (or refused) meanwhile."""
+        if self._dead is None:
+            return
+        settled = self._dead.settled()
+        if not settled:
+            return
+        for delivery, failure in settled:
+            if failure is None:
+                self._settlement.release(delivery.tag, ready=True)
+                continue
+            log.error(
+                "dead-letter copy refused, rejecting instead queue=%s error=%s",
+                delivery.queue,
+                failure,
             )
-            channel.basic_nack(delivery.tag, requeue=False)
-            return False
-        return True
+            self._chan.basic_nack(delivery.tag, requeue=False)
+            self._settlement.release(delivery.tag, ready=False)
+        self._ack_ready()
+
+    def _ack_ready(self) -> None:
+        """Acknowledge, with one multiple ack, everything up to the first unsettled delivery."""
+        if self._batches:
+            lowest: int | None = self._batches[0].tags[0]
+        elif self._batch is not None and self._batch.tags:
+            lowest = self._batch.tags[0]
+        else:
+            lowest = None
+        settlement = self._settlement
+        bound = settlement.bound(lowest)
+        if bound > settlement.acked:
+            self._chan.basic_ack(bound, multiple=True)
+            settlement.acked = bound
 
     # -- acknowledgement (called from the writer thread) -----------------------------------
     def on_committed(self, batch: Batch, result: BatchResult) -> None:
@@ -501,20 +725,21 @@ class Session:
             connection.add_callback_threadsafe(lambda: self._acknowledge(batch, result))
 
     def _acknowledge(self, batch: Batch, result: BatchResult) -> None:
-        self._in_flight -= 1
+        """The batch committed: dead-letter what the database refused, acknowledge the rest.
+
+        Batches commit in the order they were handed over, so this one is the oldest.
+        """
+        if self._batches and self._batches[0] is batch:
+            self._batches.popleft()
         if self._broken is not None or self._channel is None or not self._channel.is_open:
             return
-        nacked: set[int] = set()
         for index, reason in result.refused:
-            delivery = batch.reading_deliveries[index]
-            if not self._dead_letter(delivery, reason):
-                nacked.add(delivery.tag)
-        # One ack settles the whole batch: every tag up to the highest one still outstanding
-        # (rejected deliveries were settled already, and lower tags belong to earlier batches,
-        # which committed first).
-        remaining = [tag for tag in batch.tags if tag not in nacked] if nacked else batch.tags
-        if remaining:
-            self._channel.basic_ack(max(remaining), multiple=True)
+            self._reject(batch.reading_deliveries[index], reason)
+        for index, reason in result.refused_statuses:
+            self._reject(batch.status_deliveries[index], reason)
+        self._settlement.ready = max(self._settlement.ready, batch.tags[-1])
+        self._publish_rejected()
+        self._ack_ready()
 
 
 def _decoder_failed(exc: Exception) -> str:
@@ -545,7 +770,13 @@ def consume_forever(
             "`pipeline dead replay` can put back only what the broker recorded itself"
         )
     metrics = Metrics(interval_s=settings.log_interval_s)
-    writer = Writer(store, metrics)
+    # The connection's timeouts end a stuck commit; past them (and a margin) it is a stall.
+    stall_after_s = (
+        max(settings.db_statement_timeout_s, settings.db_tcp_timeout_s)
+        + settings.db_connect_timeout_s
+        + 20
+    )
+    writer = Writer(store, metrics, stall_after_s=stall_after_s)
     writer.start()
     backoff = Backoff()
     attempt = 0
