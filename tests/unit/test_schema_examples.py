@@ -59,77 +59,6 @@ def _cases(suffix: str) -> Iterator[Any]:
         document = _load(path)
         for case in document["cases"]:
             yield pytest.param(document, case, id=f"{path.stem}: {case['name']}")
-    for document in _PENDING[suffix]:
-        for case in document["cases"]:
-            yield pytest.param(document, case, id=f"pending {suffix}: {case['name']}")
-
-
-# Cases of `session` (status.v1, issue 13), in the examples' own form, kept here until they
-# join gateway/schema/examples/status.v1.*.json (the gateway's files): the decoder and the
-# schema must agree on the field from the start.
-_SESSION_BASE: dict[str, Any] = {"version": 1, "node": "pi-kitchen-01", "state": "online"}
-_STATUS_DOC: dict[str, Any] = {
-    "schema_file": "status.v1.schema.json",
-    "decoder": "decode_status",
-    "now": "2025-06-01T12:00:00Z",
-}
-_EXPECT_NONE: dict[str, Any] = dict.fromkeys(
-    ("ts", "agent_version", "uptime_s", "outbox_depth", "dropped", "read_errors")
-)
-_PENDING: dict[str, list[dict[str, Any]]] = {
-    "valid": [
-        {
-            **_STATUS_DOC,
-            "cases": [
-                {
-                    "name": "Last Will with its connection's session",
-                    "topic": "status/pi-kitchen-01",
-                    "payload": {**_SESSION_BASE, "state": "offline", "session": "0f1e2d3c4b5a6978"},
-                    "expect": {
-                        "node": "pi-kitchen-01",
-                        "state": "offline",
-                        **_EXPECT_NONE,
-                        "session": "0f1e2d3c4b5a6978",
-                    },
-                },
-                {
-                    "name": "online with a session",
-                    "topic": "status/pi-kitchen-01",
-                    "payload": {**_SESSION_BASE, "session": "0123456789abcdef"},
-                    "expect": {
-                        "node": "pi-kitchen-01",
-                        "state": "online",
-                        **_EXPECT_NONE,
-                        "session": "0123456789abcdef",
-                    },
-                },
-            ],
-        }
-    ],
-    "invalid": [
-        {
-            **_STATUS_DOC,
-            "cases": [
-                {
-                    "name": f"session {name}",
-                    "topic": "status/pi-kitchen-01",
-                    "payload": {**_SESSION_BASE, "session": value},
-                    "reason_contains": "session",
-                    "schema": True,
-                }
-                for name, value in (
-                    ("in upper case", "0123456789ABCDEF"),
-                    ("of 15 digits", "0123456789abcde"),
-                    ("of 17 digits", "0123456789abcdef0"),
-                    ("with a non-hex letter", "0123456789abcdeg"),
-                    ("empty", ""),
-                    ("as a number", 1234567890123456),
-                    ("null", None),
-                )
-            ],
-        }
-    ],
-}
 
 
 def _validator(document: dict[str, Any]) -> Draft202012Validator:
@@ -269,12 +198,7 @@ def test_case_names_are_unique() -> None:
 
 
 def _reasons_named(file: str) -> set[str]:
-    reasons = {case["reason_contains"] for case in _load(EXAMPLES_DIR / file)["cases"]}
-    schema_file = file.replace(".invalid.json", ".schema.json")
-    for document in _PENDING["invalid"]:
-        if document["schema_file"] == schema_file:
-            reasons |= {case["reason_contains"] for case in document["cases"]}
-    return reasons
+    return {case["reason_contains"] for case in _load(EXAMPLES_DIR / file)["cases"]}
 
 
 def test_invalid_examples_cover_every_field() -> None:
