@@ -1,4 +1,4 @@
-"""The edge agent against the real broker: outages, kills and the Last Will."""
+"""The edge agent against the real broker: outages, kills, the Last Will, a damaged outbox."""
 
 from __future__ import annotations
 
@@ -127,14 +127,104 @@ def test_last_will_says_offline_after_kill(
     agents.append(agent)
     wait_for("online status", lambda: rabbit.depth("node-status") >= 1, 60, interval=0.5)
     agent.kill()
+    seen: list[dict[str, object]] = []
 
     def offline_arrived() -> bool:
-        states = [json.loads(b).get("state") for _, _, b in rabbit.drain("node-status")]
-        offline_arrived.seen.extend(states)  # type: ignore[attr-defined]
-        return "offline" in offline_arrived.seen  # type: ignore[attr-defined]
+        seen.extend(json.loads(b) for _, _, b in rabbit.drain("node-status"))
+        return any(s.get("state") == "offline" for s in seen)
 
-    offline_arrived.seen = []  # type: ignore[attr-defined]
     wait_for("Last Will", offline_arrived, 30, interval=0.5)
+    # The Last Will names the connection it belongs to: the one the online status came from.
+    [will] = [s for s in seen if s["state"] == "offline"]
+    assert set(will) == {"version", "node", "state", "session"}
+    assert {s.get("session") for s in seen} == {will["session"]}
+
+
+def test_max_inflight_one_publishes_every_reading(
+    rabbit: RabbitBroker, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """A window of one: readings one at a time, statuses queued by paho behind them."""
+    creds = rabbit.add_node("pi-window")
+    config = write_config(tmp_path, rabbit, creds)
+    # write_config's `extra` lands after the [[sensors]] tables, and TOML cannot reopen
+    # [mqtt] there: put the key into the [mqtt] table itself.
+    config.write_text(config.read_text().replace("[mqtt]\n", "[mqtt]\nmax_inflight = 1\n", 1))
+    agent = AgentProcess(config)
+    agents.append(agent)
+    wait_for("100 readings queued", lambda: rabbit.depth("readings") >= 100, 60, interval=0.5)
+    assert agent.terminate() == 0
+    depth, top = _outbox_seqs(tmp_path)
+    assert depth == 0, "SIGTERM flushes the outbox while the broker is up"
+    time.sleep(1.5)  # quorum queue counts lag
+    seqs = _arrived(rabbit)
+    assert set(seqs) == set(range(min(seqs), top + 1)), "a sequence number went missing"
+    statuses = [json.loads(body) for _, _, body in rabbit.drain("node-status")]
+    assert statuses[0]["state"] == "online"
+    assert any("outbox_depth" in s for s in statuses), "no heartbeat got through"
+    assert statuses[-1]["state"] == "offline"
+
+
+def _prefilled_outbox(path: Path, rows: int) -> int:
+    """An outbox of ``rows`` readings waiting to be sent; return its sequence counter."""
+    from edge_agent.outbox import Outbox  # noqa: PLC0415
+
+    Outbox(path).close()
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            (seed,) = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
+            ).fetchone()
+            now = time.time()
+            conn.executemany(
+                "INSERT INTO outbox (seq, sensor, kind, ts, wall, boot_id, boottime,"
+                " temperature_c) VALUES (?, 'sim-1', 'simulated', ?, ?, 'old-boot', 1.0, 21.5)",
+                ((seed + n, now - rows + n, now - rows + n) for n in range(1, rows + 1)),
+            )
+    finally:
+        conn.close()
+    return int(seed) + rows
+
+
+def test_a_damaged_outbox_stops_the_agent_and_the_next_start_recovers_it(
+    rabbit: RabbitBroker, tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    """A worn SD card: exit code 75, offline announced; systemd's restart recovers the file."""
+    import random  # noqa: PLC0415
+
+    creds = rabbit.add_node("pi-worn")
+    # A slow drain keeps the backlog (and the damaged pages) in the outbox.
+    config = write_config(tmp_path, rabbit, creds, interval_s=0.1, sensors=1, drain_rate=5)
+    outbox = tmp_path / "outbox.sqlite"
+    top_before = _prefilled_outbox(outbox, 20_000)
+    first = AgentProcess(config)
+    agents.append(first)
+    wait_for("a heartbeat", lambda: rabbit.depth("node-status") >= 2, 60, interval=0.5)
+    pages = outbox.stat().st_size // 4096
+    with outbox.open("r+b") as f:  # garbage over pages in the middle, as a failing card leaves
+        f.seek(pages // 2 * 4096)
+        f.write(random.Random(7).randbytes(5 * 4096))
+    wait_for("the agent to stop", lambda: not first.alive(), 30, interval=0.2)
+    assert first.proc.returncode == 75, first.log[-3000:]
+    assert "ERROR edge_agent.agent outbox damaged" in first.log
+    assert "database disk image is malformed" in first.log
+    time.sleep(1.5)
+    statuses = [json.loads(body) for _, _, body in rabbit.drain("node-status")]
+    assert statuses[-1]["state"] == "offline", "the clean shutdown announces offline"
+    assert statuses[-1]["session"] == statuses[0]["session"]
+    rabbit.drain("readings")
+
+    # systemd starts it again (Restart=always): the damaged file is kept, the rest recovered.
+    second = AgentProcess(config)
+    agents.append(second)
+    wait_for("the recovery", lambda: "outbox recovered" in second.log, 60, interval=0.2)
+    wait_for("readings flowing again", lambda: rabbit.depth("readings") >= 10, 60, interval=0.5)
+    assert second.terminate() == 0
+    kept = list(tmp_path.glob("outbox.sqlite.corrupt-*"))
+    assert any(k.name.endswith("Z") for k in kept), kept
+    depth, top = _outbox_seqs(tmp_path)
+    assert depth > 15_000, "the readings on sound pages were salvaged"
+    assert top > top_before, "the sequence goes on above the damaged file's numbers"
 
 
 @pytest.mark.slow

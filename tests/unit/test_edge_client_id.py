@@ -10,14 +10,16 @@ clean, so a new outbox with a new id loses nothing.
 from __future__ import annotations
 
 import re
+import socket
 import sqlite3
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from edge_agent.agent import Agent, mqtt_client_id
 from edge_agent.clock import KernelClock
-from edge_agent.config import AgentConfig, SensorConfig
+from edge_agent.config import AgentConfig, MqttConfig, SensorConfig
 from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.sensors import Simulated
 
@@ -25,9 +27,12 @@ NODE = "pi-kitchen"
 TOKEN = re.compile(r"[0-9a-f]{32}")
 
 
-def _agent(outbox: Outbox, node: str = NODE) -> Agent:
+def _agent(outbox: Outbox, node: str = NODE, port: int = 1883) -> Agent:
     config = AgentConfig(
-        node_id=node, sensors=(SensorConfig(id="sim-1", kind="simulated"),), heartbeat_s=60
+        node_id=node,
+        mqtt=MqttConfig(host="127.0.0.1", port=port),
+        sensors=(SensorConfig(id="sim-1", kind="simulated"),),
+        heartbeat_s=60,
     )
     return Agent(
         config,
@@ -89,14 +94,21 @@ def test_the_same_node_on_a_new_outbox_gets_a_new_client_id(tmp_path: Path) -> N
 
 
 def test_the_paho_client_uses_it_with_a_clean_session_and_the_nodes_will(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on: the connect fails at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     with Outbox(tmp_path / "o.sqlite") as box:
-        agent = _agent(box)
-        client = agent._new_client()
+        agent = _agent(box, port=port)
+        agent._try_connect()  # the agent's own client, with its Last Will (set before CONNECT)
+        client = agent._client
+        assert isinstance(client, mqtt.Client)
         assert client._client_id == agent.client_id.encode()
         # Clean: the outbox keeps what is unacknowledged, the broker keeps nothing.
         assert client._clean_session is True
-        # The Last Will still speaks for the node, on status/<node>.
+        # The Last Will still speaks for the node, on status/<node> (tests/unit/
+        # test_edge_session.py checks its session id).
         assert client._will_topic == f"status/{NODE}".encode()
+        agent.shutdown()
 
 
 class _FullDisk(Outbox):

@@ -14,12 +14,8 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.agent import Agent, Backoff
 from edge_agent.cli import main
@@ -27,107 +23,11 @@ from edge_agent.clock import KernelClock
 from edge_agent.config import AgentConfig, MqttConfig, OutboxConfig, SensorConfig
 from edge_agent.outbox import Outbox
 from edge_agent.sensors import Simulated
+from tests.unit.edge.fake_mqtt import FakeBroker
 
 NODE = "pi-full"
 TIMEOUT_S = 0.3
 WINDOW = 10  # max_inflight: the agent keeps one slot for its status, so 9 readings at a time
-
-
-class FakeBroker:
-    """A RabbitMQ 4.x MQTT listener in miniature: with ``refusing`` set, a reading's publish
-    is swallowed (no PUBACK, the connection stays open), as for a full queue. Status messages
-    go to another queue and are always acknowledged."""
-
-    def __init__(self) -> None:
-        self.refusing = False
-        self.clients: list[FakeClient] = []
-        self.stored: list[int] = []  # reading seqs the queue took, in order, duplicates kept
-        self.refused: list[int] = []
-
-    def client(self) -> FakeClient:
-        client = FakeClient(self)
-        self.clients.append(client)
-        return client
-
-
-class FakeInfo:
-    """What ``publish`` returns: the message id, the result, and whether it was acknowledged."""
-
-    def __init__(self, mid: int, rc: int) -> None:
-        self.mid = mid
-        self.rc = rc
-        self.acked = False
-
-    def is_published(self) -> bool:
-        return self.acked
-
-
-class FakeClient:
-    """The part of ``paho.mqtt.client.Client`` the agent drives, for one connection."""
-
-    on_connect: Callable[..., None]
-    on_disconnect: Callable[..., None]
-    on_publish: Callable[..., None]
-
-    def __init__(self, broker: FakeBroker) -> None:
-        self.broker = broker
-        self.connected = False
-        self.closed = False
-        self._connack_due = False
-        self._acks: list[FakeInfo] = []
-        self._mid = 0
-        self.disconnects = 0
-
-    def connect(self, _host: str, _port: int, keepalive: int = 60) -> int:
-        assert not self.closed, "a retired client must not be used again"
-        assert keepalive > 0
-        self._connack_due = True
-        return mqtt.MQTT_ERR_SUCCESS
-
-    def loop(self, timeout: float = 1.0) -> int:
-        if self.closed:
-            return mqtt.MQTT_ERR_NO_CONN
-        if self._connack_due:
-            self._connack_due = False
-            self.connected = True
-            self.on_connect(self, None, None, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
-        acks, self._acks = self._acks, []
-        for info in acks:
-            info.acked = True
-            self.on_publish(
-                self, None, info.mid, ReasonCode(PacketTypes.PUBACK, identifier=0), None
-            )
-        time.sleep(min(timeout, 0.005))
-        return mqtt.MQTT_ERR_SUCCESS
-
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> FakeInfo:
-        assert qos == 1
-        assert retain == topic.startswith("status/")
-        assert not self.closed
-        self._mid += 1
-        info = FakeInfo(
-            self._mid, mqtt.MQTT_ERR_SUCCESS if self.connected else mqtt.MQTT_ERR_NO_CONN
-        )
-        if not self.connected:
-            return info
-        if topic.startswith("sensors/"):
-            seq = int(json.loads(payload)["seq"])
-            if self.broker.refusing:
-                self.broker.refused.append(seq)
-                return info  # no PUBACK, ever: MQTT 3.1.1 has no way to say no
-            self.broker.stored.append(seq)
-        self._acks.append(info)
-        return info
-
-    def disconnect(self) -> int:
-        self.disconnects += 1
-        self.connected = False
-        self.closed = True
-        self.on_disconnect(self, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0), None)
-        return mqtt.MQTT_ERR_SUCCESS
-
-    def socket(self) -> Any:
-        return None
 
 
 def _agent(box: Outbox, broker: FakeBroker, backoff: Backoff | None = None) -> Agent:

@@ -66,9 +66,10 @@ def test_pending_oldest_first_and_delete_on_ack(tmp_path: Path) -> None:
 def test_bounded_by_rows_and_age(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.sqlite", max_rows=100, max_age_s=3600) as box:
         now = time.time()
-        old = [_add(box, wall=now - 7200) for _ in range(5)]
+        # Taken in an earlier boot, with a synchronised clock: aged by their time.
+        old = [_add(box, wall=now - 7200, boot="b0") for _ in range(5)]
         fresh = [_add(box, wall=now) for _ in range(120)]
-        assert box.enforce_bounds(now) == 5 + 20
+        assert box.enforce_bounds(now, synced=True, boot_id="b1", boottime=100.0) == (5, 20)
         remaining = [p.seq for p in box.pending(0, 1000)]
         assert remaining == fresh[20:]
         assert not set(old) & set(remaining)

@@ -5,7 +5,10 @@
   errors are counted and the other samplers go on.
 * The main thread owns the MQTT client (paho-mqtt 2.x, its network loop driven from here, so
   callbacks run on this thread). While connected it drains the outbox oldest first, at most
-  ``drain_rate_per_s`` and ``max_inflight`` unacknowledged publishes at a time, and deletes a
+  ``drain_rate_per_s`` a second and ``max_inflight - 1`` unacknowledged readings at a time
+  (the last slot of paho's window is kept for status messages; with ``max_inflight = 1`` the
+  one slot goes to readings and a status waits behind the reading in flight, which paho queues
+  and sends when its PUBACK frees the slot), and deletes a
   row only when the broker's PUBACK for it arrives. A dropped connection is rebuilt with
   capped, jittered back-off; whatever was not acknowledged is sent again (the pipeline
   ignores duplicates by the natural key). Each connection gets a new paho client, so the
@@ -24,9 +27,22 @@
   (:meth:`Outbox.client_token`): RabbitMQ closes an existing connection when another one
   arrives with the same client id, whatever its user, so a client id another node could guess
   would let that node knock this one off the broker and fire its Last Will.
+* Every connection has its own session id (16 random hex digits), carried by its Last Will,
+  its retained ``online``, its heartbeats and its clean-shutdown ``offline``: the pipeline
+  applies an ``offline`` only to the connection it belongs to, so the Last Will of an old
+  connection that arrives after the node reconnected cannot mark it offline.
 * On SIGTERM the samplers stop, the session flushes what it can for a few seconds, publishes
   its retained ``offline`` status and disconnects; nothing unacknowledged is lost, it stays
   in the outbox for the next start.
+* A damaged outbox (:class:`OutboxCorrupt`: a worn SD card), met by a sampler or by the main
+  thread (wherever it is met, the shutdown included), stops the agent the same orderly way,
+  without the flush: it logs an error naming the file, counts the readings it could not store
+  into the outbox's marker (the recovery adds them to ``dropped_total``), publishes ``offline``
+  if connected (a publish that fails never fails the shutdown), and :meth:`Agent.run` raises
+  the error, which ``edge-agent run`` turns into exit code 75 (EX_TEMPFAIL). systemd starts
+  the agent again, and the outbox recovers what it can at that start (see
+  :mod:`edge_agent.outbox`). A sampler never ends on an exception: a sensor that stopped
+  silently while the heartbeats went on saying ``online`` would be worse than any error.
 """
 
 from __future__ import annotations
@@ -53,16 +69,18 @@ from edge_agent.clock import ClockSource, KernelClock
 from edge_agent.config import AgentConfig, SensorConfig
 from edge_agent.errors import ConfigError, EdgeError, SensorError
 from edge_agent.led import StatusLed
-from edge_agent.outbox import CLIENT_TOKEN_BYTES, Outbox, OutboxError
+from edge_agent.outbox import CLIENT_TOKEN_BYTES, Outbox, OutboxCorrupt, OutboxError
 from edge_agent.sensors import Calibrated, Sample, Sensor
 from edge_agent.wire import reading_payload, reading_topic, status_payload, status_topic
 
-__all__ = ["Agent", "Backoff", "build_sensor", "build_sensors", "mqtt_client_id"]
+__all__ = ["SESSION_BYTES", "Agent", "Backoff", "build_sensor", "build_sensors", "mqtt_client_id"]
 
 log = logging.getLogger(__name__)
 
 _NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOKEN = re.compile(rf"[0-9a-f]{{{2 * CLIENT_TOKEN_BYTES}}}")
+SESSION_BYTES = 8
+"""Random bytes in a connection's session id: 64 bits, 16 lowercase hex digits on the wire."""
 
 
 def mqtt_client_id(node: str, token: str) -> str:
@@ -168,7 +186,7 @@ class Backoff:
 class _Counters:
     read_errors: dict[str, int]
     readings: int = 0
-    disk_full: int = 0
+    not_stored: int = 0  # readings lost because the outbox could not store them
 
 
 class _Sampler(threading.Thread):
@@ -184,7 +202,9 @@ class _Sampler(threading.Thread):
         counters: _Counters,
         lock: threading.Lock,
         stop: threading.Event,
+        on_corrupt: Callable[[OutboxCorrupt], None] | None = None,
     ) -> None:
+        """``on_corrupt`` is told of a damaged outbox (the agent stops on it)."""
         super().__init__(name=f"sampler-{sensor.id}", daemon=True)
         self.sensor = sensor
         self.interval_s = interval_s
@@ -193,13 +213,19 @@ class _Sampler(threading.Thread):
         self.counters = counters
         self.lock = lock
         self.stop = stop
+        self.on_corrupt = on_corrupt
         self._failing = False
         self._storing_failed = False
 
     def run(self) -> None:
         next_due = time.monotonic()
         while not self.stop.wait(max(0.0, next_due - time.monotonic())):
-            self.sample_once()
+            try:
+                self.sample_once()
+            except Exception:
+                # Whatever it was, this sensor goes on: a sampler that ended would leave the
+                # heartbeats saying online while nothing is read.
+                log.exception("sampling failed sensor=%s", self.sensor.id)
             next_due += self.interval_s
             now = time.monotonic()
             if next_due < now:  # a slow read: skip the missed slots, keep the rhythm
@@ -235,14 +261,20 @@ class _Sampler(threading.Thread):
                 boottime=self.clock.boottime(),
                 synced=self.clock.synchronized(),
             )
+        except OutboxCorrupt as exc:  # the agent stops, and its next start recovers the file
+            self._not_stored(exc)
+            if self.on_corrupt is not None:
+                self.on_corrupt(exc)
+            return
         except OutboxError as exc:  # a full disk, or a file that cannot be written
+            self._not_stored(exc)
+            return
+        except Exception:
             with self.lock:
-                self.counters.disk_full += 1
-            if not self._storing_failed:  # once per episode: the count is in the heartbeat
-                log.error(  # noqa: TRY400 - the message says it all
-                    "readings lost: cannot store them in the outbox sensor=%s error=%s",
-                    self.sensor.id,
-                    exc,
+                self.counters.not_stored += 1
+            if not self._storing_failed:
+                log.exception(
+                    "readings lost: cannot store them in the outbox sensor=%s", self.sensor.id
                 )
                 self._storing_failed = True
             return
@@ -251,6 +283,17 @@ class _Sampler(threading.Thread):
             self._storing_failed = False
         with self.lock:
             self.counters.readings += 1
+
+    def _not_stored(self, exc: OutboxError) -> None:
+        with self.lock:
+            self.counters.not_stored += 1
+        if not self._storing_failed:  # once per episode: the count is in the heartbeat
+            log.error(
+                "readings lost: cannot store them in the outbox sensor=%s error=%s",
+                self.sensor.id,
+                exc,
+            )
+            self._storing_failed = True
 
 
 class Agent:
@@ -279,6 +322,7 @@ class Agent:
             config.outbox.path,
             max_rows=config.outbox.max_rows,
             max_age_s=config.outbox.max_age_days * 86400,
+            clock_synced=self.clock.synchronized(),
         )
         self.client_id = self._client_id()
         self.sensors = list(sensors) if sensors is not None else build_sensors(config)
@@ -293,6 +337,7 @@ class Agent:
         self._started = time.monotonic()
         # session state, touched only by the main thread (paho callbacks run there too)
         self._client: mqtt.Client | None = None
+        self.session: str | None = None  # the current client's session id (see _try_connect)
         self.connected = False
         self._inflight: dict[int, int] = {}  # mid -> seq, readings of this session
         self._inflight_seqs: set[int] = set()
@@ -316,7 +361,10 @@ class Agent:
         self.puback_timeout_publishes = 0
         self._puback_timeouts_unsaved: list[int] = []  # outstanding counts not yet in the outbox
         self._delete_failing = False
-        self._disk_full_persisted = 0
+        self._not_stored_persisted = 0
+        # A damaged outbox, from any thread: the first one seen, and the flag the loop watches.
+        self._corrupt: OutboxCorrupt | None = None
+        self._corrupt_seen = threading.Event()
 
     # -- MQTT client ---------------------------------------------------------------------------
     def _client_id(self) -> str:
@@ -328,6 +376,8 @@ class Agent:
         """
         try:
             token = self.outbox.client_token()
+        except OutboxCorrupt:
+            raise
         except OutboxError as exc:
             log.warning(
                 "cannot keep the MQTT client id in the outbox (%s): using a new random one "
@@ -359,12 +409,6 @@ class Agent:
             )
         # paho walks its in-flight list on every acknowledgement: a small window is faster.
         client.max_inflight_messages_set(m.max_inflight)
-        client.will_set(
-            status_topic(self.node),
-            status_payload(node=self.node, state="offline"),
-            qos=1,
-            retain=True,
-        )
         return client
 
     def _on_connect(
@@ -387,9 +431,10 @@ class Agent:
         self._inflight_seqs.clear()
         self._sent_at.clear()
         log.info(
-            "connected host=%s port=%d outbox_depth=%d",
+            "connected host=%s port=%d session=%s outbox_depth=%d",
             self.config.mqtt.host,
             self.config.mqtt.port,
+            self.session,
             self.outbox.depth(),
         )
         self._publish_status()
@@ -453,8 +498,12 @@ class Agent:
         self.puback_timeouts += 1
         self.puback_timeout_publishes += outstanding
         self._puback_timeouts_unsaved.append(outstanding)
-        with contextlib.suppress(OutboxError):  # a full disk: housekeeping tries again
+        try:
             self._save_puback_timeouts()
+        except OutboxCorrupt as exc:  # the agent stops at the next turn; the session ends now
+            self._outbox_corrupt(exc)
+        except OutboxError:  # a full disk: housekeeping tries again
+            pass
         client = self._client
         delay = self._lost("puback timeout", healthy_until=oldest, quiet=True)
         log.warning(
@@ -500,12 +549,20 @@ class Agent:
 
     def _try_connect(self) -> None:
         if self._client is None:
-            # A new client for each session (see _lost); whatever the factory, the agent's
-            # own callbacks drive it.
-            self._client = self._client_factory()
-            self._client.on_connect = self._on_connect
-            self._client.on_disconnect = self._on_disconnect
-            self._client.on_publish = self._on_publish
+            # A new client for each session (see _lost), with a new session id; whatever the
+            # factory, the agent's own callbacks drive it and its Last Will speaks for it.
+            self.session = secrets.token_hex(SESSION_BYTES)
+            client = self._client_factory()
+            client.on_connect = self._on_connect
+            client.on_disconnect = self._on_disconnect
+            client.on_publish = self._on_publish
+            client.will_set(
+                status_topic(self.node),
+                status_payload(node=self.node, state="offline", session=self.session),
+                qos=1,
+                retain=True,
+            )
+            self._client = client
         m = self.config.mqtt
         try:
             self._client.connect(m.host, m.port, keepalive=m.keepalive_s)
@@ -534,33 +591,72 @@ class Agent:
                 counters=self.counters,
                 lock=self._lock,
                 stop=self._sampling_stop,
+                on_corrupt=self._outbox_corrupt,
             )
             sampler.start()
             self._samplers.append(sampler)
 
+    @property
+    def outbox_corrupt(self) -> OutboxCorrupt | None:
+        """The damage that stopped (or is stopping) the agent, if any."""
+        return self._corrupt
+
+    def _outbox_corrupt(self, exc: OutboxCorrupt) -> None:
+        """Note a damaged outbox (from any thread): the main loop stops at its next turn."""
+        with self._lock:
+            if self._corrupt is None:
+                self._corrupt = exc
+        self._corrupt_seen.set()
+
     def run(self, stop: threading.Event) -> None:
-        """Sample and publish until ``stop`` is set; then shut down in order."""
+        """Sample and publish until ``stop`` is set; then shut down in order.
+
+        Raises:
+            OutboxCorrupt: the outbox is damaged; the agent has stopped in order (``offline``
+                published if it was connected). The next start recovers the file.
+        """
         if self.config.clock.require_sync and not self.clock.synchronized():
             log.warning(
                 "system clock not synchronised: readings are held until NTP syncs "
                 "(timedatectl shows 'System clock synchronized: no')"
             )
-        self.start_sampling()
-        log.info(
-            "agent started node=%s sensors=%s outbox=%s depth=%d",
-            self.node,
-            ",".join(s.id for s in self.sensors),
-            self.outbox.path,
-            self.outbox.depth(),
-        )
         try:
-            while not stop.is_set():
+            self.start_sampling()
+            log.info(
+                "agent started node=%s sensors=%s outbox=%s depth=%d",
+                self.node,
+                ",".join(s.id for s in self.sensors),
+                self.outbox.path,
+                self.outbox.depth(),
+            )
+            while not stop.is_set() and not self._corrupt_seen.is_set():
                 self.step()
+        except OutboxCorrupt as exc:
+            self._outbox_corrupt(exc)
         finally:
+            if self._corrupt is not None:
+                log.error(
+                    "outbox damaged: stopping, the next start keeps the file aside and recovers "
+                    "what it can (exit code 75 for systemd to restart the agent) path=%s error=%s",
+                    self.outbox.path,
+                    self._corrupt,
+                )
             self.shutdown()
+        if self._corrupt is not None:
+            raise self._corrupt
 
     def step(self, timeout: float = 0.05) -> None:
-        """One turn: network I/O, draining, acknowledgements, housekeeping."""
+        """One turn: network I/O, draining, acknowledgements, housekeeping.
+
+        A damaged outbox does not raise here: it is noted (:attr:`outbox_corrupt`), and
+        :meth:`run` stops at its next turn.
+        """
+        try:
+            self._step(timeout)
+        except OutboxCorrupt as exc:
+            self._outbox_corrupt(exc)
+
+    def _step(self, timeout: float) -> None:
         now = time.monotonic()
         if not self.connected and now >= self._next_attempt:
             self._try_connect()
@@ -586,8 +682,10 @@ class Agent:
         rate = self.config.outbox.drain_rate_per_s
         self._tokens = min(rate, self._tokens + (now - self._last_refill) * rate)
         self._last_refill = now
-        # Keep one slot free for status messages.
-        room = self.config.mqtt.max_inflight - 1 - len(self._inflight)
+        # Keep one slot of paho's window for status messages, unless it has only one: then a
+        # status waits behind the reading in flight (paho queues what is beyond its window).
+        window = self.config.mqtt.max_inflight
+        room = (window - 1 if window > 1 else window) - len(self._inflight)
         want = min(room, int(self._tokens))
         if want <= 0:
             return
@@ -621,6 +719,9 @@ class Agent:
         acked, self._acked = self._acked, []
         try:
             self.outbox.delete(acked, now_wall=self.clock.wall())
+        except OutboxCorrupt:
+            self._acked = acked + self._acked
+            raise
         except OutboxError as exc:
             # A full disk: keep the acknowledgements and try again; until then these rows
             # stay (and are sent again after a reconnect, which the pipeline ignores).
@@ -643,25 +744,45 @@ class Agent:
                 self._last_housekeeping = now
                 self._resolve_clock()
                 self._update_led()
-                self._persist_disk_full()
+                self._persist_not_stored()
                 self._save_puback_timeouts()
             if now - self._last_bounds >= 60.0:
                 self._last_bounds = now
-                dropped = self.outbox.enforce_bounds(self.clock.wall())
-                if dropped:
-                    log.warning("outbox full: dropped the oldest readings count=%d", dropped)
+                self._enforce_bounds()
+        except OutboxCorrupt:
+            raise
         except OutboxError as exc:  # a full disk must not stop the agent; it is retried
             log.debug("outbox housekeeping failed: %s", exc)
         if self.connected and now - self._last_heartbeat >= self.config.heartbeat_s:
             self._publish_status()
 
-    def _persist_disk_full(self) -> None:
-        """Fold readings lost to a full disk into the outbox's persisted dropped total."""
+    def _enforce_bounds(self) -> None:
+        too_old, beyond = self.outbox.enforce_bounds(
+            self.clock.wall(),
+            synced=self.clock.synchronized(),
+            boot_id=self.clock.boot_id(),
+            boottime=self.clock.boottime(),
+        )
+        if too_old:
+            log.warning(
+                "outbox: dropped readings older than outbox.max_age_days=%g count=%d",
+                self.config.outbox.max_age_days,
+                too_old,
+            )
+        if beyond:
+            log.warning(
+                "outbox full: dropped the oldest readings beyond outbox.max_rows=%d count=%d",
+                self.config.outbox.max_rows,
+                beyond,
+            )
+
+    def _persist_not_stored(self) -> None:
+        """Fold readings the outbox could not store into its persisted dropped total."""
         with self._lock:
-            pending = self.counters.disk_full - self._disk_full_persisted
+            pending = self.counters.not_stored - self._not_stored_persisted
         if pending:
             self.outbox.count_dropped(pending)
-            self._disk_full_persisted += pending
+            self._not_stored_persisted += pending
 
     def _resolve_clock(self) -> None:
         synced = self.clock.synchronized()
@@ -690,6 +811,8 @@ class Agent:
                 self.led.connected()
             else:
                 self.led.buffering()
+        except OutboxCorrupt:
+            raise
         except Exception:  # an LED must never stop the agent
             log.debug("status LED failed", exc_info=True)
 
@@ -699,13 +822,14 @@ class Agent:
         return status_payload(
             node=self.node,
             state=state,
+            session=self.session,
             ts=self.clock.wall() if self.clock.synchronized() else None,
             agent_version=__version__,
             uptime_s=time.monotonic() - self._started,
             outbox_depth=self.outbox.depth(),
             dropped=self.outbox.dropped_total()
-            + self.counters.disk_full
-            - self._disk_full_persisted,
+            + self.counters.not_stored
+            - self._not_stored_persisted,
             read_errors=errors,
         )
 
@@ -717,41 +841,105 @@ class Agent:
         info = self._client.publish(status_topic(self.node), payload, qos=1, retain=True)
         if info.rc == mqtt.MQTT_ERR_SUCCESS and self.connected:
             self._sent_at[info.mid] = self._last_heartbeat
-        with contextlib.suppress(EdgeError):
+        try:
             self.outbox.set_meta("read_errors", json.dumps(self.counters.read_errors))
+        except OutboxCorrupt:
+            raise
+        except EdgeError:
+            pass
 
     # -- shutdown ------------------------------------------------------------------------------
-    def shutdown(self) -> None:
-        """Stop sampling, flush for a few seconds, announce ``offline``, close everything."""
-        self._sampling_stop.set()
-        for sampler in self._samplers:
-            sampler.join(5)
-        deadline = time.monotonic() + self.config.shutdown_flush_s
-        while self.connected and time.monotonic() < deadline:
-            if not self._inflight and not self.outbox.pending(self._cursor, 1):
-                break
-            self.step(0.02)
-        self._flush_acks()
+    def _save_counts(self) -> None:
+        """Keep what the agent counted but did not write yet (the samplers have stopped).
+
+        With a damaged outbox, the readings not stored go into its marker instead, and the
+        recovery at the next start adds them to ``dropped_total``.
+        """
+        if self._corrupt is None:
+            try:
+                self._persist_not_stored()
+                self._save_puback_timeouts()
+            except OutboxCorrupt as exc:
+                self._outbox_corrupt(exc)
+            except OutboxError as exc:
+                log.warning("cannot save the counts into the outbox at shutdown: %s", exc)
+        if self._corrupt is None:
+            return
+        with self._lock:
+            pending = self.counters.not_stored - self._not_stored_persisted
+        try:
+            self.outbox.note_not_stored(pending)
+        except OutboxError as exc:
+            log.error(  # noqa: TRY400 - the message is the whole story
+                "readings lost and not counted: %s count=%d", exc, pending
+            )
+        else:
+            self._not_stored_persisted += pending
+
+    def _announce_offline(self) -> None:
+        """Publish the retained ``offline`` and disconnect; never fails the shutdown.
+
+        A publish that failed (the socket just broke) is not waited for: paho 2.x raises from
+        ``is_published()`` then, and the broker publishes the Last Will anyway.
+        """
         client = self._client  # a disconnect retires it from self._client (see _lost)
-        if client is not None and self.connected:
+        if client is None or not self.connected:
+            return
+        try:
             info = client.publish(
                 status_topic(self.node),
-                status_payload(node=self.node, state="offline"),
+                status_payload(node=self.node, state="offline", session=self.session),
                 qos=1,
                 retain=True,
             )
-            end = time.monotonic() + 2
-            while not info.is_published() and time.monotonic() < end and self.connected:
-                client.loop(0.02)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                end = time.monotonic() + 2
+                while not info.is_published() and time.monotonic() < end and self.connected:
+                    client.loop(0.02)
+            else:
+                log.warning(
+                    "cannot publish the offline status (the Last Will says it): %s",
+                    mqtt.error_string(info.rc),
+                )
             client.disconnect()
             client.loop(0.1)
-        with contextlib.suppress(OutboxError):
-            self._save_puback_timeouts()
+        except Exception:  # the shutdown goes on: its exit code matters more
+            log.warning("announcing offline failed", exc_info=True)
+
+    def shutdown(self) -> None:
+        """Stop sampling, flush for a few seconds, announce ``offline``, close everything.
+
+        With a damaged outbox there is nothing to flush: the acknowledgements still arriving
+        could not be recorded, and the readings are sent again after the recovery.
+        """
+        self._sampling_stop.set()
+        for sampler in self._samplers:
+            sampler.join(5)
+        try:
+            deadline = time.monotonic() + self.config.shutdown_flush_s
+            while self.connected and time.monotonic() < deadline and self._corrupt is None:
+                if not self._inflight and not self.outbox.pending(self._cursor, 1):
+                    break
+                self.step(0.02)
+            if self._corrupt is None:
+                self._flush_acks()
+        except OutboxCorrupt as exc:
+            self._outbox_corrupt(exc)
+        self._save_counts()
+        self._announce_offline()
+        left: int | None = None
+        if self._corrupt is None:
+            try:
+                left = self.outbox.depth()
+            except OutboxCorrupt as exc:
+                self._outbox_corrupt(exc)
+            except OutboxError:
+                pass
         log.info(
-            "agent stopped published=%d acknowledged=%d left_in_outbox=%d puback_timeouts=%d",
+            "agent stopped published=%d acknowledged=%d left_in_outbox=%s puback_timeouts=%d",
             self.published,
             self.acknowledged,
-            self.outbox.depth(),
+            "unknown" if left is None else left,
             self.puback_timeouts,
         )
         for sensor in self.sensors:

@@ -1,4 +1,10 @@
-"""The ``edge-agent`` command: run, read (a wiring check), detect (1-Wire), status."""
+"""The ``edge-agent`` command: run, read (a wiring check), detect (1-Wire), status.
+
+Exit codes: 0 done, 1 an error (the message says which), 2 a configuration error, 75
+(EX_TEMPFAIL) ``run`` stopped on a damaged outbox: systemd starts the agent again, and that
+start keeps the damaged file aside and recovers what it can (see :mod:`edge_agent.outbox`),
+130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Final
 
 from edge_agent import __version__
 from edge_agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
@@ -21,6 +28,9 @@ from edge_agent.errors import ConfigError, EdgeError, SensorError
 __all__ = ["main"]
 
 log = logging.getLogger("edge_agent")
+
+EXIT_OUTBOX_CORRUPT: Final = 75
+"""``edge-agent run`` stopped on a damaged outbox: EX_TEMPFAIL of sysexits.h, try again."""
 
 
 def _config(args: argparse.Namespace, *, simulate: bool = False) -> AgentConfig:
@@ -32,6 +42,7 @@ def _config(args: argparse.Namespace, *, simulate: bool = False) -> AgentConfig:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent  # noqa: PLC0415
+    from edge_agent.outbox import OutboxCorrupt  # noqa: PLC0415
 
     config = _config(args, simulate=args.simulate)
     stop = threading.Event()
@@ -42,7 +53,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    Agent(config).run(stop)
+    try:
+        Agent(config).run(stop)
+    except OutboxCorrupt as exc:  # logged by the agent; the next start recovers the file
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_OUTBOX_CORRUPT
     return 0
 
 
@@ -101,12 +116,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not config.outbox.path.exists():
         print(f"no outbox at {config.outbox.path}: the agent has not run yet")
         return 1
-    with Outbox(config.outbox.path) as outbox:
+    # recover=False: the agent may be running; only the agent checks and recovers its file.
+    with Outbox(config.outbox.path, recover=False) as outbox:
         last = outbox.meta("last_puback_at")
         errors = outbox.meta("read_errors")
         oldest = outbox.oldest_ts()
         timeouts, timed_out_publishes = outbox.puback_timeouts()
         last_timeout = outbox.meta("last_puback_timeout_at")
+        recoveries, last_recovery = outbox.recoveries()
         status = {
             "node": config.node_id,
             "outbox": str(config.outbox.path),
@@ -125,6 +142,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "last_puback_timeout": utc_iso(float(last_timeout))
             if isinstance(last_timeout, int | float)
             else None,
+            # Damaged outbox files the agent kept aside and recovered from (a failing SD card).
+            "outbox_recoveries": recoveries,
+            "last_outbox_recovery": last_recovery,
         }
     if args.json:
         print(json.dumps(status, indent=2))
@@ -168,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w1-root", type=Path, help="default: /sys/bus/w1/devices")
     p.set_defaults(func=_cmd_detect)
     p = sub.add_parser(
-        "status", parents=[common], help="outbox depth, last publish, errors, PUBACK timeouts"
+        "status",
+        parents=[common],
+        help="outbox depth, last publish, errors, PUBACK timeouts, outbox recoveries",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)

@@ -49,7 +49,9 @@ class MqttConfig:
     ``password`` is left out of ``repr()`` (and so of the ``repr()`` of :class:`AgentConfig`):
     a configuration object printed in a log line or shown in a traceback must not carry it.
 
-    ``max_inflight`` (1..1000, default 100) bounds the publishes waiting for their PUBACK.
+    ``max_inflight`` (1..1000, default 100) bounds the publishes waiting for their PUBACK
+    (paho's window). Readings take all of it but one slot, kept for status messages; with 1,
+    readings go one at a time and a status waits behind the reading in flight.
 
     ``puback_timeout_s`` (1..3600 s, default 30) is how long the oldest of them may wait. MQTT
     3.1.1 has no negative acknowledgement: RabbitMQ 4.x answers a publish its queue refuses
@@ -79,6 +81,18 @@ class MqttConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OutboxConfig:
+    """Where readings wait for their PUBACK, and how many of them may wait.
+
+    ``max_rows`` (100..100,000,000, default 1,000,000): beyond it the oldest readings are
+    dropped. ``max_age_days`` (0.01..3650, default 30): older readings are dropped. A reading's
+    age is its real age: within the boot it was taken in it is measured by CLOCK_BOOTTIME,
+    whatever the wall clock said or says; a reading of an earlier boot is aged by its time
+    only while the clock is synchronised, and never if its time is uncertain (``max_rows``
+    still bounds it). Both checks run once a minute; what they drop is counted in
+    ``dropped_total`` (``edge-agent status``, and ``dropped`` in the heartbeat).
+    ``drain_rate_per_s`` (1..100,000, default 500) paces the sending after an outage.
+    """
+
     path: Path = DEFAULT_OUTBOX_PATH
     max_rows: int = 1_000_000
     max_age_days: float = 30.0

@@ -6,12 +6,14 @@ The tests hold these bytes to the JSON Schema and to the pipeline's decoder.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
 __all__ = ["reading_payload", "reading_topic", "status_payload", "status_topic", "utc_iso"]
 
 VERSION = 1
+_SESSION = re.compile(r"[0-9a-f]{16}")
 
 
 def utc_iso(ts: float) -> str:
@@ -58,6 +60,7 @@ def status_payload(
     *,
     node: str,
     state: str,
+    session: str | None = None,
     ts: float | None = None,
     agent_version: str | None = None,
     uptime_s: float | None = None,
@@ -65,8 +68,20 @@ def status_payload(
     dropped: int | None = None,
     read_errors: Mapping[str, int] | None = None,
 ) -> bytes:
-    """A status message; the Last Will carries only version, node and state."""
+    """A status message; the Last Will carries only version, node, state and session.
+
+    ``session`` identifies the MQTT connection the status belongs to (16 lowercase hex digits,
+    a new one for each connection): the pipeline applies an ``offline`` only to its own
+    connection, so a late Last Will cannot mark a node offline that has reconnected since.
+
+    Raises:
+        ValueError: ``session`` is not 16 lowercase hex digits.
+    """
     body: dict[str, object] = {"version": VERSION, "node": node, "state": state}
+    if session is not None:
+        if not _SESSION.fullmatch(session):
+            raise ValueError(f"session {session!r} is not 16 lowercase hex digits")
+        body["session"] = session
     if ts is not None:
         body["ts"] = utc_iso(ts)
     if agent_version is not None:
