@@ -16,45 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.agent import Agent, Backoff
-from edge_agent.clock import KernelClock
-from edge_agent.config import AgentConfig, MqttConfig, OutboxConfig, SensorConfig
+from edge_agent.agent import Agent
 from edge_agent.outbox import Outbox
+from tests.unit.edge.agents import fake_agent, fill
 from tests.unit.edge.fake_mqtt import FakeBroker
 
 
 def _agent(box: Outbox, broker: FakeBroker, window: int, heartbeat_s: float = 3600) -> Agent:
-    config = AgentConfig(
-        node_id="pi-window",
-        mqtt=MqttConfig(max_inflight=window, puback_timeout_s=5),
-        outbox=OutboxConfig(path=box.path, drain_rate_per_s=10_000),
-        sensors=(SensorConfig(id="sim-1", kind="simulated"),),
+    return fake_agent(
+        box,
+        broker,
+        node="pi-window",
+        max_inflight=window,
+        puback_timeout_s=5,
         heartbeat_s=heartbeat_s,
-    )
-    return Agent(
-        config,
         sensors=[],
-        clock=KernelClock(assume_synced=True),
-        outbox=box,
-        client_factory=broker.client,  # type: ignore[arg-type]  # the fake's duck type
-        backoff=Backoff(initial=0.02, cap=0.2),
     )
-
-
-def _fill(box: Outbox, count: int) -> list[int]:
-    return [
-        box.add(
-            sensor="sim-1",
-            kind="simulated",
-            temperature_c=21.5,
-            humidity_pct=None,
-            wall=time.time(),
-            boot_id="b",
-            boottime=1.0,
-            synced=True,
-        )
-        for _ in range(count)
-    ]
 
 
 def _run_until(agent: Agent, what: str, done: Callable[[], bool], within_s: float = 5) -> list[int]:
@@ -73,7 +50,7 @@ def test_a_window_of_one_publishes_every_reading_and_gets_it_acknowledged(
 ) -> None:
     broker = FakeBroker(window=1)
     with Outbox(tmp_path / "o.sqlite") as box:
-        seqs = _fill(box, 20)
+        seqs = fill(box, 20)
         agent = _agent(box, broker, window=1, heartbeat_s=0.01)
         inflight = _run_until(agent, "the outbox drained", lambda: box.depth() == 0)
         assert broker.stored == seqs, "each reading once, oldest first"
@@ -92,7 +69,7 @@ def test_a_window_of_one_publishes_every_reading_and_gets_it_acknowledged(
 def test_a_wider_window_keeps_one_slot_for_the_status(tmp_path: Path, window: int) -> None:
     broker = FakeBroker(window=window)
     with Outbox(tmp_path / "o.sqlite") as box:
-        seqs = _fill(box, 50)
+        seqs = fill(box, 50)
         agent = _agent(box, broker, window=window)
         inflight = _run_until(agent, "the outbox drained", lambda: box.depth() == 0)
         assert sorted(set(broker.stored)) == seqs

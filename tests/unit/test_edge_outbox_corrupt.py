@@ -35,6 +35,7 @@ from edge_agent.clock import KernelClock
 from edge_agent.config import AgentConfig, MqttConfig, OutboxConfig, SensorConfig
 from edge_agent.outbox import RANDOM_SEED_RANGE, Outbox, OutboxCorrupt
 from edge_agent.sensors import Sample, Simulated
+from tests.unit.edge.agents import sequence_counter
 from tests.unit.edge.fake_mqtt import FakeBroker
 
 PAGE = 4096  # SQLite's default page size, which the outbox uses
@@ -102,16 +103,6 @@ def _rows(path: Path) -> dict[int, Row]:
                 " temperature_c, humidity_pct FROM outbox"
             )
         }
-    finally:
-        conn.close()
-
-
-def _counter(path: Path) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return int(
-            conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
-        )
     finally:
         conn.close()
 
@@ -431,7 +422,7 @@ def test_recovery_keeps_the_damaged_file_and_salvages_every_readable_reading(
 ) -> None:
     path = tmp_path / "o.sqlite"
     before = _fill(path)
-    counter = _counter(path)
+    counter = sequence_counter(path)
     with Outbox(path) as box:
         token = box.client_token()
     _garble(path, _middle(path))

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.agent import Agent, Backoff
+from edge_agent.agent import Agent
 from edge_agent.clock import KernelClock
-from edge_agent.config import AgentConfig, MqttConfig, OutboxConfig, SensorConfig
+from edge_agent.config import AgentConfig, OutboxConfig, SensorConfig
 from edge_agent.outbox import (
     RANDOM_SEED_RANGE,
     Outbox,
@@ -37,13 +37,13 @@ from edge_agent.outbox import (
     OutboxError,
     _Salvage,
 )
-from edge_agent.sensors import Sample, Simulated
+from edge_agent.sensors import Sample
+from tests.unit.edge.agents import fake_agent, sequence_counter
 from tests.unit.edge.fake_clock import FakeClock
 from tests.unit.edge.fake_mqtt import FakeBroker
 from tests.unit.test_edge_outbox_corrupt import (
     MALFORMED,
     PAGE,
-    _counter,
     _fill,
     _garble,
     _middle,
@@ -136,7 +136,7 @@ def card(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, Row]
             shutil.copyfile(f"{live}{suffix}", snapshot / f"o.sqlite{suffix}")
     alone = root / "alone.sqlite"
     shutil.copyfile(snapshot / "o.sqlite", alone)
-    assert _counter(alone) < max(tail), "the log holds the newest numbers"
+    assert sequence_counter(alone) < max(tail), "the log holds the newest numbers"
     _mark(snapshot)
     return snapshot, expected, max(tail)
 
@@ -147,7 +147,7 @@ def _check_after_the_cuts(run: Path, expected: dict[int, Row], top: int, what: s
     with Outbox(path) as box:
         assert box.recovery is None, f"{what}: recovered again"
         assert _rows(path) == expected, f"{what}: salvageable readings lost"
-        assert _counter(path) >= top, f"{what}: the counter went below a number handed out"
+        assert sequence_counter(path) >= top, f"{what}: the counter went below a number handed out"
         assert _add(box) > top, f"{what}: a sequence number handed out again"
         assert box.recoveries()[0] == 1, f"{what}: one damaged file, one recovery"
         assert box.dropped_total() == 7, f"{what}: nothing was lost"
@@ -227,7 +227,7 @@ def test_a_salvage_that_cannot_finish_still_starts_the_agent_and_is_tried_again(
 ) -> None:
     path = tmp_path / "o.sqlite"
     before = _fill(path, 2_000)
-    counter = _counter(path)
+    counter = sequence_counter(path)
     _mark(tmp_path)
     caplog.set_level(logging.INFO, logger="edge_agent")
     _full_disk_while_salvaging(monkeypatch)
@@ -393,21 +393,8 @@ class _DamagedCounts(Outbox):
 
 
 def _agent(box: Outbox, broker: FakeBroker) -> Agent:
-    config = AgentConfig(
-        node_id="pi-worn",
-        mqtt=MqttConfig(max_inflight=10, puback_timeout_s=0.2),
-        outbox=OutboxConfig(path=box.path, drain_rate_per_s=10_000),
-        sensors=(SensorConfig(id="sim-1", kind="simulated"),),
-        heartbeat_s=3600,
-        shutdown_flush_s=0.2,
-    )
-    return Agent(
-        config,
-        sensors=[Simulated("sim-1", seed=1)],
-        clock=KernelClock(assume_synced=True),
-        outbox=box,
-        client_factory=broker.client,  # type: ignore[arg-type]  # the fake's duck type
-        backoff=Backoff(initial=0.02, cap=0.2),
+    return fake_agent(
+        box, broker, node="pi-worn", max_inflight=10, puback_timeout_s=0.2, shutdown_flush_s=0.2
     )
 
 

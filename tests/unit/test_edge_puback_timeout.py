@@ -19,10 +19,8 @@ import pytest
 
 from edge_agent.agent import Agent, Backoff
 from edge_agent.cli import main
-from edge_agent.clock import KernelClock
-from edge_agent.config import AgentConfig, MqttConfig, OutboxConfig, SensorConfig
 from edge_agent.outbox import Outbox
-from edge_agent.sensors import Simulated
+from tests.unit.edge.agents import fake_agent, fill
 from tests.unit.edge.fake_mqtt import FakeBroker
 
 NODE = "pi-full"
@@ -31,37 +29,9 @@ WINDOW = 10  # max_inflight: the agent keeps one slot for its status, so 9 readi
 
 
 def _agent(box: Outbox, broker: FakeBroker, backoff: Backoff | None = None) -> Agent:
-    config = AgentConfig(
-        node_id=NODE,
-        mqtt=MqttConfig(max_inflight=WINDOW, puback_timeout_s=TIMEOUT_S),
-        outbox=OutboxConfig(path=box.path, drain_rate_per_s=10_000),
-        sensors=(SensorConfig(id="sim-1", kind="simulated"),),
-        heartbeat_s=3600,
+    return fake_agent(
+        box, broker, node=NODE, max_inflight=WINDOW, puback_timeout_s=TIMEOUT_S, backoff=backoff
     )
-    return Agent(
-        config,
-        sensors=[Simulated("sim-1", seed=1)],
-        clock=KernelClock(assume_synced=True),
-        outbox=box,
-        client_factory=broker.client,  # type: ignore[arg-type]  # the fake's duck type
-        backoff=backoff or Backoff(initial=0.02, cap=0.2),
-    )
-
-
-def _fill(box: Outbox, count: int) -> list[int]:
-    return [
-        box.add(
-            sensor="sim-1",
-            kind="simulated",
-            temperature_c=21.5,
-            humidity_pct=None,
-            wall=time.time(),
-            boot_id="b",
-            boottime=1.0,
-            synced=True,
-        )
-        for _ in range(count)
-    ]
 
 
 def _run_until(agent: Agent, what: str, done: Callable[[], bool], within_s: float) -> None:
@@ -77,7 +47,7 @@ def test_withheld_pubacks_end_the_session_and_every_reading_is_sent_again(
     broker = FakeBroker()
     broker.refusing = True
     with Outbox(tmp_path / "o.sqlite") as box:
-        seqs = _fill(box, 30)
+        seqs = fill(box, 30)
         agent = _agent(box, broker)
         caplog.set_level(logging.INFO, logger="edge_agent")
         _run_until(agent, "a full window", lambda: len(broker.refused) == WINDOW - 1, 5)
@@ -128,7 +98,7 @@ def test_repeated_timeouts_back_off(tmp_path: Path) -> None:
     broker.refusing = True
     initial = 0.05
     with Outbox(tmp_path / "o.sqlite") as box:
-        _fill(box, 30)
+        fill(box, 30)
         agent = _agent(box, broker, Backoff(initial=initial, cap=10.0))
         ended: list[float] = []
         began: list[float] = []
@@ -162,7 +132,7 @@ def test_a_broker_that_acknowledges_keeps_the_session(tmp_path: Path) -> None:
         agent = _agent(box, broker)
         ended = time.monotonic() + 4 * TIMEOUT_S
         while time.monotonic() < ended:
-            _fill(box, 5)
+            fill(box, 5)
             agent.step(0.005)
         _run_until(agent, "the outbox drained", lambda: box.depth() == 0, 5)
         assert agent.connected

@@ -10,7 +10,6 @@ item 3). Now an unsynchronised clock seeds from a random point above every time-
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from pathlib import Path
 
@@ -19,19 +18,10 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, OutboxConfig, SensorConfig
 from edge_agent.outbox import RANDOM_SEED_RANGE, Outbox
+from tests.unit.edge.agents import sequence_counter
 from tests.unit.edge.fake_clock import FakeClock
 
 IMAGE_TIME = 1_700_000_000.0  # the time saved in the SD card image both cards were flashed from
-
-
-def _counter(path: Path) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return int(
-            conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
-        )
-    finally:
-        conn.close()
 
 
 def _add(box: Outbox) -> int:
@@ -76,7 +66,7 @@ def test_an_unsynchronised_clock_seeds_at_random_above_any_time(
     seeds = []
     for n in range(5):
         with Outbox(tmp_path / f"o{n}.sqlite", clock_synced=False) as box:
-            seeds.append(_counter(box.path))
+            seeds.append(sequence_counter(box.path))
             assert _add(box) == seeds[-1] + 1
     low, high = RANDOM_SEED_RANGE
     assert (low, high) == (2**62, 2**63 - 2**40)
@@ -92,7 +82,7 @@ def test_a_synchronised_clock_seeds_from_the_time_in_microseconds(
     before = int(time.time() * 1_000_000)
     with Outbox(tmp_path / "o.sqlite", clock_synced=True) as box:
         after = int(time.time() * 1_000_000)
-        seed = _counter(box.path)
+        seed = sequence_counter(box.path)
         assert before <= seed <= after
         assert _add(box) == seed + 1
     assert "seeded_from=the synchronised clock (microseconds)" in caplog.text
@@ -102,10 +92,10 @@ def test_a_synchronised_clock_seeds_from_the_time_in_microseconds(
 def test_an_existing_outbox_is_never_seeded_again(tmp_path: Path, synced_then: bool) -> None:
     path = tmp_path / "o.sqlite"
     with Outbox(path, clock_synced=synced_then) as box:
-        seeded = _counter(path)
+        seeded = sequence_counter(path)
     for synced_now in (True, False):
         with Outbox(path, clock_synced=synced_now) as box:
-            assert _counter(path) == seeded, "an empty outbox was seeded again"
+            assert sequence_counter(path) == seeded, "an empty outbox was seeded again"
     with Outbox(path, clock_synced=synced_then) as box:
         taken = [_add(box) for _ in range(3)]
         box.delete(taken)
