@@ -64,7 +64,15 @@ def test_a_consumer_connection_carries_the_timeouts(database: Database) -> None:
         with engine.connect() as conn:
             shown = {
                 name: conn.execute(text(f"SHOW {name}")).scalar_one()
-                for name in ("statement_timeout", "lock_timeout")
+                for name in (
+                    "statement_timeout",
+                    "lock_timeout",
+                    "idle_in_transaction_session_timeout",
+                    "tcp_user_timeout",
+                    "tcp_keepalives_idle",
+                    "tcp_keepalives_interval",
+                    "tcp_keepalives_count",
+                )
             }
             raw = conn.connection.dbapi_connection
             assert isinstance(raw, psycopg.Connection)
@@ -84,7 +92,16 @@ def test_a_consumer_connection_carries_the_timeouts(database: Database) -> None:
                 sock.close()
     finally:
         engine.dispose()
-    assert shown == {"statement_timeout": "30s", "lock_timeout": "10s"}
+    assert shown == {
+        "statement_timeout": "30s",
+        "lock_timeout": "10s",
+        # the server's side of the connection: a vanished consumer's locks are released
+        "idle_in_transaction_session_timeout": "1min",
+        "tcp_user_timeout": "30000",
+        "tcp_keepalives_idle": "30",
+        "tcp_keepalives_interval": "10",
+        "tcp_keepalives_count": "3",
+    }
     assert {
         k: params.get(k)
         for k in (

@@ -47,6 +47,11 @@ class DatabaseTimeouts:
       ``tcp_s`` while sending and about ``4/3 tcp_s`` while waiting for a reply.
     * ``statement_s`` and ``lock_s``: the server cancels a statement that runs, or waits for a
       lock, longer than this (``statement_timeout``, ``lock_timeout``); 0 turns either off.
+    * The server's side of the same connection gets the same TCP limits (its
+      ``tcp_user_timeout`` and keepalives) and ends a session left idle inside a transaction
+      after ``statement_s + tcp_s`` (``idle_in_transaction_session_timeout``): a consumer
+      that vanished mid-transaction (a cut path, a killed host) no longer holds its locks
+      until the server's own retransmissions give up, which can take minutes.
 
     Raises:
         ConfigError: a value is out of range (the message names the field and the value).
@@ -76,7 +81,12 @@ class DatabaseTimeouts:
             # hold for every connection the pool opens, after a reconnect too.
             "options": (
                 f"-c statement_timeout={self.statement_s * 1000} "
-                f"-c lock_timeout={self.lock_s * 1000}"
+                f"-c lock_timeout={self.lock_s * 1000} "
+                f"-c idle_in_transaction_session_timeout={(self.statement_s + self.tcp_s) * 1000} "
+                f"-c tcp_user_timeout={self.tcp_s * 1000} "
+                f"-c tcp_keepalives_idle={self.tcp_s} "
+                f"-c tcp_keepalives_interval={max(1, self.tcp_s // 3)} "
+                "-c tcp_keepalives_count=3"
             ),
         }
 
