@@ -297,8 +297,10 @@ def test_a_flooding_node_does_not_stop_the_others(
             # Oversized messages cost the flooder its connection, not the others anything.
             live[0].client.publish("sensors/pi-flood/t1", _reading("pi-flood", 0, pad=9000), qos=1)
 
-            def hammer(client: Client) -> None:
-                seq = 0
+            def hammer(client: Client, base: int) -> None:
+                # Each connection its own sequence numbers: this flood is about volume (a key
+                # reused with other content is a dead letter of its own, test_store_conflicts).
+                seq = base
                 while not stop.is_set():
                     seq += 1
                     client.client.publish(
@@ -308,7 +310,10 @@ def test_a_flooding_node_does_not_stop_the_others(
                     if seq % 500 == 0:
                         time.sleep(0.001)
 
-            threads = [threading.Thread(target=hammer, args=(c,), daemon=True) for c in live[1:]]
+            threads = [
+                threading.Thread(target=hammer, args=(c, i * 10**9), daemon=True)
+                for i, c in enumerate(live[1:])
+            ]
             for thread in threads:
                 thread.start()
 
