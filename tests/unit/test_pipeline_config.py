@@ -125,7 +125,11 @@ def test_database_timeouts_default_to_bounded_waits() -> None:
         "keepalives_interval": 10,
         "keepalives_count": 3,
         "tcp_user_timeout": 30_000,
-        "options": "-c statement_timeout=30000 -c lock_timeout=10000",
+        "options": (
+            "-c statement_timeout=30000 -c lock_timeout=10000 "
+            "-c idle_in_transaction_session_timeout=60000 -c tcp_user_timeout=30000 "
+            "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
+        ),
     }
 
 
@@ -143,7 +147,11 @@ def test_database_timeouts_from_the_environment() -> None:
     assert args["connect_timeout"] == 3
     assert (args["keepalives_idle"], args["keepalives_interval"]) == (1, 1)
     assert args["tcp_user_timeout"] == 1000
-    assert args["options"] == "-c statement_timeout=0 -c lock_timeout=0"
+    assert args["options"] == (
+        "-c statement_timeout=0 -c lock_timeout=0 "
+        "-c idle_in_transaction_session_timeout=1000 -c tcp_user_timeout=1000 "
+        "-c tcp_keepalives_idle=1 -c tcp_keepalives_interval=1 -c tcp_keepalives_count=3"
+    )
 
 
 @pytest.mark.parametrize(
