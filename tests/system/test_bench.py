@@ -59,3 +59,30 @@ def test_summary_benchmark_runs_and_checks_exactness() -> None:
     assert "summary equals the plain GROUP BY for all 100 sensors" in done.stdout
     assert "ours: sensor_summary_last_hour" in done.stdout
     assert "baseline: plain GROUP BY over raw rows" in done.stdout
+
+
+@pytest.mark.slow
+def test_drain_benchmark_runs_ours_and_the_minimal_consumer() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.drain",
+            "--readings",
+            "3000",
+            "--runs",
+            "ours1,minimal,a,b",
+            "--hostile",
+            "0",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(d) minimal consumer: 3000 in" in done.stdout
+    assert "ours x1: 3000 in" in done.stdout
+    assert "ours x1 total / ((a) + (b))" in done.stdout
