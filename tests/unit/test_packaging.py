@@ -45,7 +45,7 @@ def test_edge_agent_pulls_no_gateway_libraries() -> None:
 
 def test_pipeline_pulls_no_edge_libraries() -> None:
     names = {_name(d) for d in _deps("pipeline")}
-    assert names == {"pika", "sqlalchemy", "psycopg", "prometheus-client"}
+    assert names == {"pika", "sqlalchemy", "psycopg", "prometheus-client", "msgspec"}
 
 
 @pytest.mark.parametrize("package", ["edge", "pipeline"])
