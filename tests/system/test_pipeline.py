@@ -178,11 +178,17 @@ def test_database_crash_mid_stream_holds_then_resumes(
     consumer = _start(consumers, rabbit, database, batch_size=100, prefetch=300)
     _wait_rows(database, 2000)
     database.server.kill()
-    time.sleep(4)
-    # The consumer holds its batches: nothing acknowledged while the database is down.
-    ready, unacked = rabbit.unacked("readings")
-    assert unacked > 0
-    assert ready + unacked > 0
+    # The consumer holds its batches: nothing acknowledged while the database is down, so the
+    # whole prefetch window ends up unacknowledged. The broker's counts lag by up to its stats
+    # interval (5 s), and a fast consumer may have had nothing unacknowledged at the last one.
+    wait_for(
+        "the prefetch window held unacknowledged",
+        lambda: rabbit.unacked("readings")[1] == 300,
+        20,
+        interval=0.5,
+    )
+    time.sleep(2)
+    assert rabbit.unacked("readings")[1] == 300
     database.server.start()
     _wait_rows(database, 20_000, timeout=180)
     assert consumer.alive()
@@ -419,6 +425,102 @@ def test_a_writer_bug_ends_the_session_and_loses_nothing(
         engine.dispose()
     assert FlakyStore.calls > 2
     _assert_exactly(database, rabbit, 3000)
+
+
+def test_a_batch_committed_before_an_earlier_one_acknowledges_nothing_past_it(
+    rabbit: RabbitBroker, database: Database
+) -> None:
+    """Two writer connections: the first batch to reach the database hangs there while the
+    other writer commits the batches after it. Their multiple ack must not reach over the hung
+    batch (a crash would then lose it): every delivery from the hung batch on stays
+    unacknowledged until it commits, then everything is acknowledged."""
+    from pipeline.config import ConsumerSettings  # noqa: PLC0415
+    from pipeline.consumer import consume_forever  # noqa: PLC0415
+    from pipeline.db import make_engine  # noqa: PLC0415
+    from pipeline.store import BatchResult, Store  # noqa: PLC0415
+
+    first_entered, release = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    hung: list[int] = []  # the sequence numbers of the batch that hangs
+
+    class FirstBatchHangs(Store):
+        def write(self, readings, statuses=()) -> BatchResult:  # type: ignore[no-untyped-def]
+            with lock:
+                first = not first_entered.is_set()
+                if first:
+                    hung.extend(r.seq for r in readings)
+                    first_entered.set()
+            if first:
+                assert release.wait(90)
+            return super().write(readings, statuses)
+
+    readings = _readings(3000)  # seq 0..2999, delivered in this order
+    rabbit.publish(readings[:500])
+    settings = ConsumerSettings(
+        rabbitmq_url=rabbit.amqp_url(),
+        database_url=database.writer_url,
+        prefetch=3000,
+        batch_size=500,
+        batch_ms=50,
+        db_writers=2,
+        log_interval_s=1,
+    )
+    engine = make_engine(database.writer_url, pool_size=3)
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=consume_forever, args=(settings, FirstBatchHangs(engine), stop), daemon=True
+    )
+    runner.start()
+    try:
+        assert first_entered.wait(30)
+        rabbit.publish(readings[500:])
+        # Every other batch commits meanwhile, before and after the hung one.
+        _wait_rows(database, 3000 - len(hung), timeout=60)
+        time.sleep(1)  # time enough for their acknowledgements to reach the broker
+        print(f"hung batch: seq {min(hung)}..{max(hung)}")
+        assert rabbit.unacked("readings") == (0, 3000 - min(hung))
+        release.set()
+        _wait_rows(database, 3000, timeout=60)
+        wait_for("queue drained", lambda: rabbit.unacked("readings") == (0, 0), 30)
+    finally:
+        release.set()
+        stop.set()
+        runner.join(60)
+        engine.dispose()
+    _assert_exactly(database, rabbit, 3000)
+
+
+def test_the_store_keeps_its_connection_and_sends_one_statement_per_batch(
+    database: Database,
+) -> None:
+    """A batch of readings is one statement on a connection the store keeps: no checkout
+    (and its ping) per batch, and nothing else sent through a cursor."""
+    from sqlalchemy import event  # noqa: PLC0415
+
+    from pipeline.db import make_engine  # noqa: PLC0415
+    from pipeline.store import Store  # noqa: PLC0415
+
+    engine = make_engine(database.writer_url)
+    checkouts: list[object] = []
+    statements: list[str] = []
+    event.listen(engine, "checkout", lambda *_: checkouts.append(1))
+    event.listen(engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+    store = Store(engine)
+    try:
+        now = datetime.now(UTC)
+        for i in range(5):
+            batch = [
+                Reading("node-0", "s0", "simulated", i * 10 + j, now, 20.0, None, False)
+                for j in range(10)
+            ]
+            assert store.write(batch).inserted == 10
+        assert len(checkouts) == 1
+        assert len(statements) == 5
+        assert all("INSERT INTO readings" in sql for sql in statements)
+    finally:
+        store.close()
+        engine.dispose()
+    assert _count(database)[0] == 50
 
 
 @pytest.mark.both_brokers

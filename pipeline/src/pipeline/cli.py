@@ -85,7 +85,12 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     # Migrations connect without these limits (pipeline.migrate); the consumer never waits
     # on the database without bound.
-    engine = make_engine(settings.database_url, timeouts=settings.database_timeouts)
+    # One connection per writer, one for the reader watchdog.
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.db_writers + 1,
+        timeouts=settings.database_timeouts,
+    )
     watchdog: ReaderWatchdog | None = None
     try:
         if not _wait_for_schema(engine, stop):

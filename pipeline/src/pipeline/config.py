@@ -52,6 +52,8 @@ class ConsumerSettings:
     prefetch: int = 3000
     batch_size: int = 1000
     batch_ms: int = 100
+    # Connections that commit batches side by side (pipeline.consumer.Writer); 1: in order.
+    db_writers: int = 2
     metrics_port: int = 9102
     log_interval_s: int = 60
     # Reader queries running longer are cancelled (pipeline.watchdog); 0 turns that off.
@@ -109,6 +111,7 @@ class ConsumerSettings:
             prefetch=_int(env, "PIPELINE_PREFETCH", 3000, 1, 65535),
             batch_size=_int(env, "PIPELINE_BATCH_SIZE", 1000, 1, 50_000),
             batch_ms=_int(env, "PIPELINE_BATCH_MS", 100, 1, 60_000),
+            db_writers=_int(env, "PIPELINE_DB_WRITERS", 2, 1, 8),
             metrics_port=_int(env, "PIPELINE_METRICS_PORT", 9102, 0, 65535),
             log_interval_s=_int(env, "PIPELINE_LOG_INTERVAL_S", 60, 1, 86_400),
             reader_query_limit_s=_int(env, "PIPELINE_READER_QUERY_LIMIT_S", 60, 0, 86_400),

@@ -155,11 +155,20 @@ class Batch:
         self.tags.append(delivery.tag)
 
 
-class Writer(threading.Thread):
-    """Commits batches in the order they were handed over; never drops one on its own.
+class Writer:
+    """Commits the batches it is handed, on ``workers`` connections; never drops one on its own.
 
-    While the database is unreachable the current batch is retried with back-off. When
-    :meth:`stop` is called, the writer finishes what it has, giving up on a batch it still
+    Each worker thread takes the next batch and commits it on its own connection, so while one
+    batch waits for PostgreSQL the next one is already being written: the database's work, the
+    larger part of a batch, runs on two cores instead of one (bench/RESULTS.md, issue 17).
+    Batches may therefore commit out of order; nothing depends on their order: the natural key
+    keeps each reading once, the rollups are sums, the latest reading and node statuses are
+    guarded by time and session (pipeline.store), and the session acknowledges a delivery only
+    when every batch before it has committed (:class:`_Settlement`). With ``workers=1`` batches
+    commit strictly in order.
+
+    While the database is unreachable a worker retries its batch with back-off. When
+    :meth:`stop` is called, the workers finish what they have, giving up on a batch they still
     cannot commit after ``grace_s`` (that batch is then simply not acknowledged: redelivery).
 
     A commit that neither succeeds nor fails (a database that stopped answering on an open
@@ -175,8 +184,10 @@ class Writer(threading.Thread):
         *,
         grace_s: float = 20.0,
         stall_after_s: float = 60.0,
+        workers: int = 2,
     ) -> None:
-        super().__init__(name="pipeline-writer", daemon=True)
+        if workers < 1:
+            raise ValueError(f"workers: {workers}, expected at least 1")
         self._store = store
         self._metrics = metrics
         self._grace_s = grace_s
@@ -184,13 +195,30 @@ class Writer(threading.Thread):
         self._queue: queue.Queue[Batch | None] = queue.Queue()
         self._stopping = threading.Event()
         self._stop_deadline = float("inf")
-        # When the commit in progress began (None: idle); written by this thread only.
-        self._busy_since: float | None = None
-        self._stall_reported: float | None = None  # the _busy_since a stall was reported for
+        # When each worker's commit in progress began (None: idle). Each worker writes only
+        # its own slot, the AMQP thread reads a copy: no dict that changes size under a reader.
+        self._busy_since: list[float | None] = [None] * workers
+        self._stall_reported: float | None = None  # the start a stall was reported for
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), name=f"pipeline-writer-{i}", daemon=True)
+            for i in range(workers)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def is_alive(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def check_stalled(self) -> None:
         """Report a commit that has waited longer than ``stall_after_s`` (once per commit)."""
-        began = self._busy_since
+        began = min((b for b in self._busy_since.copy() if b is not None), default=None)
         if began is None or began == self._stall_reported:
             return
         waited = time.monotonic() - began
@@ -213,15 +241,16 @@ class Writer(threading.Thread):
         """Finish the queued batches (or give up after the grace period), then end."""
         self._stop_deadline = time.monotonic() + self._grace_s
         self._stopping.set()
-        self._queue.put(None)
+        for _ in self._threads:
+            self._queue.put(None)
 
-    def run(self) -> None:
+    def _run(self, worker: int) -> None:
         while True:
             batch = self._queue.get()
             if batch is None:
                 return
             try:
-                result = self._commit(batch)
+                result = self._commit(batch, worker)
                 if result is not None:
                     batch.session.on_committed(batch, result)
             except Exception:
@@ -231,16 +260,16 @@ class Writer(threading.Thread):
                 log.exception("writer failed on a batch; ending the session for redelivery")
                 batch.session.fail("the writer failed on a batch")
 
-    def _commit(self, batch: Batch) -> BatchResult | None:
+    def _commit(self, batch: Batch, worker: int) -> BatchResult | None:
         backoff = Backoff(0.2, 10.0)
         failures = 0
         while True:
             began = time.monotonic()
-            self._busy_since = began
+            self._busy_since[worker] = began
             try:
                 result = self._store.write(batch.readings, batch.statuses)
             except (DBAPIError, SQLAlchemyError) as exc:
-                self._busy_since = None
+                self._busy_since[worker] = None
                 DATABASE_UP.set(0)
                 failures += 1
                 if failures == 1:
@@ -259,7 +288,7 @@ class Writer(threading.Thread):
                 time.sleep(backoff.next())
                 continue
             finally:
-                self._busy_since = None
+                self._busy_since[worker] = None
             DATABASE_UP.set(1)
             if self._stall_reported == began:
                 log.info("database answered again after %.0f s", time.monotonic() - began)
@@ -445,6 +474,7 @@ class Session:
         params.heartbeat = 30
         params.blocked_connection_timeout = 300
         self._connection = pika.BlockingConnection(params)
+        _skip_callback_lookup_for_deliveries(self._connection)
         try:
             self._channel = self._connection.channel()
             self._channel.basic_qos(prefetch_count=self._settings.prefetch)
@@ -727,10 +757,14 @@ class Session:
     def _acknowledge(self, batch: Batch, result: BatchResult) -> None:
         """The batch committed: dead-letter what the database refused, acknowledge the rest.
 
-        Batches commit in the order they were handed over, so this one is the oldest.
+        Batches may commit out of order (the writer has more than one connection): the
+        multiple ack reaches only up to the oldest batch still uncommitted (:meth:`_ack_ready`).
         """
         if self._batches and self._batches[0] is batch:
             self._batches.popleft()
+        else:
+            with contextlib.suppress(ValueError):
+                self._batches.remove(batch)
         if self._broken is not None or self._channel is None or not self._channel.is_open:
             return
         for index, reason in result.refused:
@@ -740,6 +774,31 @@ class Session:
         self._settlement.ready = max(self._settlement.ready, batch.tags[-1])
         self._publish_rejected()
         self._ack_ready()
+
+
+def _skip_callback_lookup_for_deliveries(connection: pika.BlockingConnection) -> None:
+    """Spare pika a callback-registry lookup for every delivery.
+
+    pika looks up every inbound method frame in its CallbackManager before handing it to the
+    channel; the lookup normalises its keys through two decorators and cost about 7 % of the
+    consumer's time (bench/RESULTS.md, issue 17). A ``Basic.Deliver`` never has a registered
+    callback there (pika routes it to the channel's content assembler), and header and body
+    frames are not method frames, so for those the answer is known: "no callback". Every other
+    frame goes through pika's own lookup. pika is pinned (constraints.txt); if a version lacks
+    the method, nothing is changed (tests/system/test_pika_fast_path.py).
+    """
+    impl: Any = getattr(connection, "_impl", None)
+    original = getattr(impl, "_process_callbacks", None)
+    if original is None:
+        return
+    method_frame, deliver = pika.frame.Method, Basic.Deliver
+
+    def process_callbacks(frame_value: pika.frame.Frame) -> bool:
+        if type(frame_value) is not method_frame or type(frame_value.method) is deliver:
+            return False
+        return bool(original(frame_value))
+
+    impl._process_callbacks = process_callbacks
 
 
 def _decoder_failed(exc: Exception) -> str:
@@ -776,7 +835,7 @@ def consume_forever(
         + settings.db_connect_timeout_s
         + 20
     )
-    writer = Writer(store, metrics, stall_after_s=stall_after_s)
+    writer = Writer(store, metrics, stall_after_s=stall_after_s, workers=settings.db_writers)
     writer.start()
     backoff = Backoff()
     attempt = 0
@@ -806,3 +865,5 @@ def consume_forever(
     finally:
         writer.stop()
         writer.join(30)
+        if not writer.is_alive():
+            store.close()  # the writer's held connection back to the pool

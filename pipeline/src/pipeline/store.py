@@ -14,9 +14,11 @@ follow the session rule of ``_WRITE_STATUSES``, so a node's status never goes ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -209,54 +211,94 @@ class BatchResult:
 
 
 class Store:
-    """Writes decoded batches through one SQLAlchemy engine (psycopg 3, Core only)."""
+    """Writes decoded batches through one SQLAlchemy engine (psycopg 3, Core only).
+
+    Each thread that writes keeps one connection checked out between its batches (a checkout
+    pings the database, a round trip per batch) and runs it in autocommit: a batch's readings
+    are one statement, which PostgreSQL commits atomically on its own, so the common batch
+    costs one round trip instead of four (ping, BEGIN, the statement, COMMIT). Node statuses
+    are a second statement. A batch is acknowledged only after both committed; a crash
+    between them means redelivery, where the readings are duplicates and the statuses apply
+    again (the session rule makes that harmless). The rare paths that need savepoints (a
+    batch the database refuses, split row by row) run in an explicit transaction. Threads may
+    share a store (the writer's workers do): each has its own connection.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._held: set[Connection] = set()
+
+    def close(self) -> None:
+        """Return every held connection to the engine's pool; call it when no thread writes."""
+        with self._lock:
+            held, self._held = self._held, set()
+        for conn in held:
+            with contextlib.suppress(DBAPIError):
+                conn.close()
+
+    def _release(self, conn: Connection) -> None:
+        """Give up this thread's connection (the next write checks out a new one)."""
+        self._local.conn = None
+        with self._lock:
+            self._held.discard(conn)
+        with contextlib.suppress(DBAPIError):
+            conn.close()
+
+    def _connection(self) -> Connection:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and (conn.closed or conn.invalidated):
+            self._release(conn)
+            conn = None
+        if conn is None:
+            conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._local.conn = conn
+            with self._lock:
+                self._held.add(conn)
+        return conn
 
     def write(
         self, readings: Sequence[Reading], statuses: Sequence[NodeStatus] = ()
     ) -> BatchResult:
-        """Insert ``readings`` and apply ``statuses`` in one transaction.
+        """Insert ``readings`` and apply ``statuses``; return when both have committed.
 
-        Returns when the transaction has committed. If the database refuses the batch for its
-        data (not for being unreachable), the part it refused is retried one row (readings) or
-        one node (statuses) at a time in savepoints, so one bad row cannot hold back the others;
-        the refused ones are reported by index. Readings whose key is stored with different
-        content are reported as refused too (see :class:`BatchResult`).
+        If the database refuses the readings or the statuses for their data (not for being
+        unreachable), the refused part is retried one row (readings) or one node (statuses)
+        at a time in savepoints, so one bad row cannot hold back the others; the refused ones
+        are reported by index. Readings whose key is stored with different content are
+        reported as refused too (see :class:`BatchResult`).
 
         Raises:
             sqlalchemy.exc.OperationalError (and other DBAPI errors): the database is
                 unreachable, failed, or a statement ran into the engine's statement or lock
-                timeout; nothing was committed, the caller retries the batch.
+                timeout; the caller retries the batch (what committed before the error makes
+                the retry's readings duplicates, and statuses apply idempotently).
         """
-        stage = "readings"
+        conn = self._connection()
         try:
-            # The common case: one statement for the whole batch, no savepoint round trips.
-            with self._engine.begin() as conn:
-                inserted, conflicts = self._insert_batch(conn, readings)
-                stage = "statuses"
-                self._apply_statuses(conn, _merged(statuses))
-            return _result(
-                readings=len(readings),
-                inserted=inserted,
-                refused=[],
-                conflicts=conflicts,
-                statuses=len(statuses),
-                refused_statuses=[],
-            )
-        except (DataError, IntegrityError):
-            pass
-        # The batch rolled back as a whole; again, with the refused part split into savepoints.
-        with self._engine.begin() as conn:
-            if stage == "readings":
-                inserted, refused, conflicts = self._insert_one_by_one(conn, readings)
-            else:
-                inserted, conflicts = self._insert_batch(conn, readings)
-                refused = []
-            refused_statuses = self._apply_statuses_split(
-                conn, statuses, whole_first=stage == "readings"
-            )
+            refused: list[tuple[int, str]] = []
+            try:
+                # The common case: one statement, committed on its own, no savepoints.
+                with conn.begin():
+                    inserted, conflicts = self._insert_batch(conn, readings)
+            except (DataError, IntegrityError):
+                with self._transaction(conn):
+                    inserted, refused, conflicts = self._insert_one_by_one(conn, readings)
+            refused_statuses: list[tuple[int, str]] = []
+            if statuses:
+                merged = _merged(statuses)
+                try:
+                    with conn.begin():
+                        self._apply_statuses(conn, merged)
+                except (DataError, IntegrityError):
+                    with self._transaction(conn):
+                        refused_statuses = self._apply_statuses_split(conn, merged)
+        except DBAPIError:
+            # Unreachable, timed out, or cancelled: the next attempt starts on a connection
+            # the pool has checked (pinged), not on this one.
+            self._release(conn)
+            raise
         return _result(
             readings=len(readings),
             inserted=inserted,
@@ -265,6 +307,17 @@ class Store:
             statuses=len(statuses),
             refused_statuses=refused_statuses,
         )
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: Connection) -> Iterator[None]:
+        """A real transaction on the autocommit connection, for the savepoint paths."""
+        conn.execution_options(isolation_level=conn.default_isolation_level)
+        try:
+            with conn.begin():
+                yield
+        finally:
+            if not conn.invalidated and not conn.closed:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
 
     def _insert(self, conn: Connection, rows: Sequence[Reading]) -> int:
         if not rows:
@@ -349,22 +402,11 @@ class Store:
             conn.execute(_WRITE_STATUSES, _status_params([merged for merged, _ in rows]))
 
     def _apply_statuses_split(
-        self, conn: Connection, statuses: Sequence[NodeStatus], *, whole_first: bool
+        self, conn: Connection, rows: Sequence[_NodeRows]
     ) -> list[tuple[int, str]]:
-        """Apply the statuses, one node per savepoint if the database refuses them together.
-
-        Returns the refused ones as (index into ``statuses``, reason), every index of a node
-        whose merged row was refused.
-        """
-        rows = _merged(statuses)
-        if whole_first:
-            try:
-                with conn.begin_nested():
-                    self._apply_statuses(conn, rows)
-            except (DataError, IntegrityError):
-                pass
-            else:
-                return []
+        """Apply merged statuses one node per savepoint, after the database refused them
+        together; return the refused ones as (index into the batch's statuses, reason), every
+        index of a node whose merged row was refused."""
         refused: list[tuple[int, str]] = []
         for row in rows:
             try:

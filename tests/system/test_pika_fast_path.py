@@ -1,0 +1,64 @@
+"""The consumer's shortcut in pika's frame handling changes nothing pika does.
+
+`pipeline.consumer._skip_callback_lookup_for_deliveries` answers "no callback" for
+`Basic.Deliver`, header and body frames without asking pika's callback registry. On a real
+broker, with the shortcut in place, every kind of exchange the consumer relies on still works:
+synchronous replies (queue declare, QoS, cancel), deliveries with their properties and
+headers, publisher confirms (Basic.Ack frames are registered callbacks), returns of unroutable
+mandatory messages, a message with an empty body (no body frame at all) and one split over
+several body frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pika
+import pika.exceptions
+import pytest
+
+from pipeline.consumer import _skip_callback_lookup_for_deliveries
+from tests.harness import RabbitBroker
+
+pytestmark = pytest.mark.system
+
+
+def test_deliveries_confirms_returns_and_replies_work_with_the_shortcut(
+    rabbit: RabbitBroker,
+) -> None:
+    # A small frame_max splits the larger bodies over several body frames.
+    params = pika.URLParameters(rabbit.amqp_url(rabbit.admin) + "?frame_max=4096")
+    with contextlib.closing(pika.BlockingConnection(params)) as conn:
+        _skip_callback_lookup_for_deliveries(conn)
+        channel = conn.channel()
+        channel.confirm_delivery()
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.basic_qos(prefetch_count=50)
+        bodies = [b"", b"x" * 8000, *(f"message {i}".encode() for i in range(20))]
+        for i, body in enumerate(bodies):
+            channel.basic_publish(
+                "",
+                queue,
+                body,
+                pika.BasicProperties(headers={"n": i}, delivery_mode=2),
+                mandatory=True,
+            )  # confirmed: a Basic.Ack frame came back through the registry
+        with pytest.raises(pika.exceptions.UnroutableError):
+            channel.basic_publish("", "no-such-queue", b"lost", mandatory=True)
+        got: list[tuple[int, bytes]] = []
+
+        def on_message(
+            _ch: object, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
+        ) -> None:
+            assert props.headers is not None
+            got.append((props.headers["n"], body))
+            channel.basic_ack(method.delivery_tag)
+
+        tag = channel.basic_consume(queue, on_message)
+        deadline = 200
+        while len(got) < len(bodies) and deadline:
+            conn.process_data_events(time_limit=0.05)
+            deadline -= 1
+        channel.basic_cancel(tag)  # a synchronous reply again
+        assert got == list(enumerate(bodies))
+        assert channel.queue_declare(queue, passive=True).method.message_count == 0
