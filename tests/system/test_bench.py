@@ -33,21 +33,10 @@ def test_cpu_meter_counts_a_process_tree_and_nothing_else() -> None:
     assert totals["idle"] < 0.2, totals
 
 
-def test_summary_benchmark_runs_and_checks_exactness() -> None:
+def _bench(module: str, *args: str) -> str:
+    """Run ``python -m bench.<module> args`` from the repository; its standard output."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.summary",
-            "--readings",
-            "60000",
-            "--sensors",
-            "100",
-            "--queries",
-            "5",
-            "--plain-queries",
-            "2",
-        ],
+        [sys.executable, "-m", f"bench.{module}", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -56,33 +45,29 @@ def test_summary_benchmark_runs_and_checks_exactness() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "summary equals the plain GROUP BY for all 100 sensors" in done.stdout
-    assert "ours: sensor_summary_last_hour" in done.stdout
-    assert "baseline: plain GROUP BY over raw rows" in done.stdout
+    return done.stdout
+
+
+def test_summary_benchmark_runs_and_checks_exactness() -> None:
+    out = _bench(
+        "summary",
+        "--readings",
+        "60000",
+        "--sensors",
+        "100",
+        "--queries",
+        "5",
+        "--plain-queries",
+        "2",
+    )
+    assert "summary equals the plain GROUP BY for all 100 sensors" in out
+    assert "ours: sensor_summary_last_hour" in out
+    assert "baseline: plain GROUP BY over raw rows" in out
 
 
 @pytest.mark.slow
 def test_drain_benchmark_runs_ours_and_the_minimal_consumer() -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.drain",
-            "--readings",
-            "3000",
-            "--runs",
-            "ours1,minimal,a,b",
-            "--hostile",
-            "0",
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "(d) minimal consumer: 3000 in" in done.stdout
-    assert "ours x1: 3000 in" in done.stdout
-    assert "ours x1 total / ((a) + (b))" in done.stdout
+    out = _bench("drain", "--readings", "3000", "--runs", "ours1,minimal,a,b", "--hostile", "0")
+    assert "(d) minimal consumer: 3000 in" in out
+    assert "ours x1: 3000 in" in out
+    assert "ours x1 total / ((a) + (b))" in out
