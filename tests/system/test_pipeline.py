@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +17,7 @@ import psycopg
 import pytest
 
 from pipeline.decode import Reading, encode_reading
+from pipeline.store import BatchResult, Store
 from tests.conftest import Database
 from tests.harness import RabbitBroker
 from tests.harness.pipeline_proc import ConsumerProcess
@@ -383,14 +386,39 @@ def test_metrics_endpoint_counts(
     assert "pipeline_database_up 1.0" in text
 
 
+@contextlib.contextmanager
+def _in_process_consumer(
+    rabbit: RabbitBroker, database: Database, store_class: type[Store], **settings: int
+) -> Iterator[None]:
+    """``consume_forever`` in a thread, writing through ``store_class``; stopped on leaving."""
+    from pipeline.config import ConsumerSettings  # noqa: PLC0415
+    from pipeline.consumer import consume_forever  # noqa: PLC0415
+    from pipeline.db import make_engine  # noqa: PLC0415
+
+    config = ConsumerSettings(
+        rabbitmq_url=rabbit.amqp_url(),
+        database_url=database.writer_url,
+        log_interval_s=1,
+        **settings,  # type: ignore[arg-type]
+    )
+    engine = make_engine(database.writer_url, pool_size=config.db_writers + 1)
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=consume_forever, args=(config, store_class(engine), stop), daemon=True
+    )
+    runner.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        runner.join(60)
+        engine.dispose()
+
+
 def test_a_writer_bug_ends_the_session_and_loses_nothing(
     rabbit: RabbitBroker, database: Database
 ) -> None:
     """A batch that fails for an unexpected reason must not be acked by the next batch."""
-    from pipeline.config import ConsumerSettings  # noqa: PLC0415
-    from pipeline.consumer import consume_forever  # noqa: PLC0415
-    from pipeline.db import make_engine  # noqa: PLC0415
-    from pipeline.store import BatchResult, Store  # noqa: PLC0415
 
     class FlakyStore(Store):
         calls = 0
@@ -402,27 +430,11 @@ def test_a_writer_bug_ends_the_session_and_loses_nothing(
             return super().write(readings, statuses)
 
     rabbit.publish(_readings(3000))
-    settings = ConsumerSettings(
-        rabbitmq_url=rabbit.amqp_url(),
-        database_url=database.writer_url,
-        prefetch=600,
-        batch_size=200,
-        batch_ms=50,
-        log_interval_s=1,
-    )
-    engine = make_engine(database.writer_url)
-    stop = threading.Event()
-    runner = threading.Thread(
-        target=consume_forever, args=(settings, FlakyStore(engine), stop), daemon=True
-    )
-    runner.start()
-    try:
+    with _in_process_consumer(
+        rabbit, database, FlakyStore, prefetch=600, batch_size=200, batch_ms=50
+    ):
         _wait_rows(database, 3000, timeout=60)
         wait_for("queue drained", lambda: rabbit.unacked("readings") == (0, 0), 30)
-    finally:
-        stop.set()
-        runner.join(60)
-        engine.dispose()
     assert FlakyStore.calls > 2
     _assert_exactly(database, rabbit, 3000)
 
@@ -434,10 +446,6 @@ def test_a_batch_committed_before_an_earlier_one_acknowledges_nothing_past_it(
     other writer commits the batches after it. Their multiple ack must not reach over the hung
     batch (a crash would then lose it): every delivery from the hung batch on stays
     unacknowledged until it commits, then everything is acknowledged."""
-    from pipeline.config import ConsumerSettings  # noqa: PLC0415
-    from pipeline.consumer import consume_forever  # noqa: PLC0415
-    from pipeline.db import make_engine  # noqa: PLC0415
-    from pipeline.store import BatchResult, Store  # noqa: PLC0415
 
     first_entered, release = threading.Event(), threading.Event()
     lock = threading.Lock()
@@ -456,37 +464,27 @@ def test_a_batch_committed_before_an_earlier_one_acknowledges_nothing_past_it(
 
     readings = _readings(3000)  # seq 0..2999, delivered in this order
     rabbit.publish(readings[:500])
-    settings = ConsumerSettings(
-        rabbitmq_url=rabbit.amqp_url(),
-        database_url=database.writer_url,
-        prefetch=3000,
-        batch_size=500,
-        batch_ms=50,
-        db_writers=2,
-        log_interval_s=1,
+    consumer = _in_process_consumer(
+        rabbit, database, FirstBatchHangs, prefetch=3000, batch_size=500, batch_ms=50, db_writers=2
     )
-    engine = make_engine(database.writer_url, pool_size=3)
-    stop = threading.Event()
-    runner = threading.Thread(
-        target=consume_forever, args=(settings, FirstBatchHangs(engine), stop), daemon=True
-    )
-    runner.start()
-    try:
-        assert first_entered.wait(30)
-        rabbit.publish(readings[500:])
-        # Every other batch commits meanwhile, before and after the hung one.
-        _wait_rows(database, 3000 - len(hung), timeout=60)
-        time.sleep(1)  # time enough for their acknowledgements to reach the broker
-        print(f"hung batch: seq {min(hung)}..{max(hung)}")
-        assert rabbit.unacked("readings") == (0, 3000 - min(hung))
-        release.set()
-        _wait_rows(database, 3000, timeout=60)
-        wait_for("queue drained", lambda: rabbit.unacked("readings") == (0, 0), 30)
-    finally:
-        release.set()
-        stop.set()
-        runner.join(60)
-        engine.dispose()
+    with consumer:
+        try:
+            assert first_entered.wait(30)
+            rabbit.publish(readings[500:])
+            # Every other batch commits meanwhile, before and after the hung one.
+            _wait_rows(database, 3000 - len(hung), timeout=60)
+            print(f"hung batch: seq {min(hung)}..{max(hung)}")
+            # The broker's counts lag by up to its stats interval (5 s): wait for them, then
+            # look again after one more interval, when any wrong acknowledgement would show.
+            held = (0, 3000 - min(hung))
+            wait_for("the counts to settle", lambda: rabbit.unacked("readings") == held, 20)
+            time.sleep(6)
+            assert rabbit.unacked("readings") == held
+            release.set()
+            _wait_rows(database, 3000, timeout=60)
+            wait_for("queue drained", lambda: rabbit.unacked("readings") == (0, 0), 30)
+        finally:
+            release.set()
     _assert_exactly(database, rabbit, 3000)
 
 
@@ -498,7 +496,6 @@ def test_the_store_keeps_its_connection_and_sends_one_statement_per_batch(
     from sqlalchemy import event  # noqa: PLC0415
 
     from pipeline.db import make_engine  # noqa: PLC0415
-    from pipeline.store import Store  # noqa: PLC0415
 
     engine = make_engine(database.writer_url)
     checkouts: list[object] = []
