@@ -220,11 +220,18 @@ def test_sigterm_commits_acknowledges_and_exits_0(
 def test_legacy_course_messages_land(
     rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
 ) -> None:
+    # A recent day: readings older than the raw retention (30 days) are refused.
+    day = (datetime.now(UTC) - timedelta(days=1)).replace(
+        hour=10, minute=0, second=0, microsecond=0
+    )
+    ms = int(day.timestamp()) * 1000
     rabbit.publish(
         [
             (
                 "sensors.lab-pi.3",
-                json.dumps({"id": 3, "data": "2026-01-05 10:00:00", "temperatura": 23.5}).encode(),
+                json.dumps(
+                    {"id": 3, "data": f"{day:%Y-%m-%d %H:%M:%S}", "temperatura": 23.5}
+                ).encode(),
             )
         ]
     )
@@ -233,7 +240,9 @@ def test_legacy_course_messages_land(
         [
             (
                 "readings",
-                json.dumps({"id": "7", "data": "2026-01-05T10:00:01Z", "temperatura": 19}).encode(),
+                json.dumps(
+                    {"id": "7", "data": f"{day:%Y-%m-%dT%H:%M}:01Z", "temperatura": 19}
+                ).encode(),
             )
         ],
         exchange="",
@@ -245,8 +254,8 @@ def test_legacy_course_messages_land(
             "SELECT node, sensor, kind, seq, ts, temperature_c FROM readings ORDER BY sensor"
         ).fetchall()
     assert rows == [
-        ("lab-pi", "3", "legacy", 1767607200000, datetime(2026, 1, 5, 10, tzinfo=UTC), 23.5),
-        ("legacy", "7", "legacy", 1767607201000, datetime(2026, 1, 5, 10, 0, 1, tzinfo=UTC), 19.0),
+        ("lab-pi", "3", "legacy", ms, day, 23.5),
+        ("legacy", "7", "legacy", ms + 1000, day + timedelta(seconds=1), 19.0),
     ]
 
 
@@ -492,7 +501,8 @@ def test_the_store_keeps_its_connection_and_sends_one_statement_per_batch(
     database: Database,
 ) -> None:
     """A batch of readings is one statement on a connection the store keeps: no checkout
-    (and its ping) per batch, and nothing else sent through a cursor."""
+    (and its ping) per batch, and nothing else sent through a cursor but the read of which
+    days the partitions hold, once a minute."""
     from sqlalchemy import event  # noqa: PLC0415
 
     from pipeline.db import make_engine  # noqa: PLC0415
@@ -512,8 +522,12 @@ def test_the_store_keeps_its_connection_and_sends_one_statement_per_batch(
             ]
             assert store.write(batch).inserted == 10
         assert len(checkouts) == 1
-        assert len(statements) == 5
-        assert all("INSERT INTO readings" in sql for sql in statements)
+        # Besides, the days the partitions hold are read once a minute.
+        days = [sql for sql in statements if sql.lstrip().startswith("SELECT nullif(stored_from")]
+        assert len(days) == 1
+        batches = [sql for sql in statements if sql not in days]
+        assert len(batches) == 5
+        assert all("INSERT INTO readings" in sql for sql in batches)
     finally:
         store.close()
         engine.dispose()

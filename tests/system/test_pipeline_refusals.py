@@ -20,8 +20,10 @@ from tests.harness.procs import wait_for
 pytestmark = pytest.mark.system
 
 
-def _reading(seq: int, temperature_c: float, *, node: str = "pi-1") -> tuple[str, bytes]:
-    at = datetime.now(UTC) - timedelta(minutes=5)
+def _reading(
+    seq: int, temperature_c: float, *, node: str = "pi-1", age: timedelta = timedelta(minutes=5)
+) -> tuple[str, bytes]:
+    at = datetime.now(UTC) - age
     reading = Reading(
         node=node,
         sensor="t1",
@@ -67,6 +69,27 @@ def test_a_reused_sequence_number_is_dead_lettered_not_dropped(
     ]
     assert "conflicts=1" in consumer.log
     assert "duplicates=1" in consumer.log
+
+
+def test_a_reading_older_than_the_raw_retention_is_dead_lettered_with_its_reason(
+    rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
+) -> None:
+    """A node that kept readings offline for longer than the retention (issue 15): no
+    partition holds their day any more."""
+    old = _reading(1, 19.0, age=timedelta(days=45))
+    rabbit.publish([_reading(2, 20.0), old, _reading(3, 21.0)])
+    consumer = ConsumerProcess(rabbit, database.writer_url)
+    consumers.append(consumer)
+    rabbit.wait_depth("readings.dead", 1, timeout=60)
+    wait_for("two stored", lambda: len(_rows(database, "SELECT 1 FROM readings")) == 2, 60)
+    wait_for("readings settled", lambda: rabbit.unacked("readings") == (0, 0), 30)
+    assert consumer.terminate() == 0
+    [(_method, props, body)] = rabbit.drain("readings.dead")
+    assert body == old[1]
+    reason = props.headers["x-reject-reason"]
+    assert " is older than the readings the database keeps (from " in reason
+    assert "raw retention 30 days): not stored" in reason
+    assert _rows(database, "SELECT seq FROM readings ORDER BY seq") == [(2,), (3,)]
 
 
 def test_a_status_the_database_refuses_is_dead_lettered_and_the_writer_goes_on(

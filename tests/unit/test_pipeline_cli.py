@@ -18,7 +18,7 @@ WITH_PASSWORDS = [
 
 
 @pytest.mark.parametrize("url", WITH_PASSWORDS)
-@pytest.mark.parametrize("command", [["migrate"], ["consume"], ["summary"]])
+@pytest.mark.parametrize("command", [["migrate"], ["maintain"], ["consume"], ["summary"]])
 def test_a_password_in_database_url_is_refused(
     command: list[str], url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -36,6 +36,7 @@ def test_database_url_without_a_password_is_taken(monkeypatch: pytest.MonkeyPatc
 
     seen: list[str] = []
     monkeypatch.setattr("pipeline.migrate.migrate", lambda url: seen.append(url) or [])
+    monkeypatch.setattr("pipeline.retention.settle", lambda *_a, **_k: ([], []))
     monkeypatch.delenv("DATABASE_URL", raising=False)
     url = "postgresql://postgres@127.0.0.1:1/tempmon"
     assert cli.main(["migrate", "--database-url", url]) == 0
@@ -49,6 +50,7 @@ def test_database_url_from_the_environment_may_hold_a_password(
 
     seen: list[str] = []
     monkeypatch.setattr("pipeline.migrate.migrate", lambda url: seen.append(url) or [])
+    monkeypatch.setattr("pipeline.retention.settle", lambda *_a, **_k: ([], []))
     url = "postgresql://postgres:s3cret@127.0.0.1:1/tempmon"
     monkeypatch.setenv("DATABASE_URL", url)
     assert cli.main(["migrate"]) == 0

@@ -54,14 +54,45 @@ def _database_url(args: argparse.Namespace) -> str:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from pipeline.migrate import migrate  # noqa: PLC0415 - keeps --help fast
+    from pipeline.retention import RetentionPolicy, settle  # noqa: PLC0415
 
-    ran = migrate(_database_url(args))
+    url = _database_url(args)
+    env = dict(os.environ)
+    RetentionPolicy.parse_env(env)  # a malformed value stops us before migrating
+    ran = migrate(url)
     if ran:
         for m in ran:
             print(f"applied {m.version:04d}_{m.name}")
     else:
         print("database schema is up to date")
+    actions, state = settle(url, env)
+    for action in actions:
+        print(f"partition {action.partition}: {action.action}")
+    _print_retention(state)
     return 0
+
+
+def _cmd_maintain(args: argparse.Namespace) -> int:
+    from pipeline.retention import settle  # noqa: PLC0415
+
+    actions, state = settle(_database_url(args))
+    for action in actions:
+        print(f"partition {action.partition}: {action.action}")
+    if not actions:
+        print("partitions are up to date")
+    _print_retention(state)
+    return 0
+
+
+def _print_retention(rows: list[dict[str, object]]) -> None:
+    for row in rows:
+        keep = "for ever" if row["keep_days"] is None else f"{row['keep_days']} days"
+        held_from = row["stored_from"] or "the oldest row"
+        print(
+            f"{row['tbl']}: kept {keep}, partitions by {row['unit']} "
+            f"from {held_from} to {row['stored_to']}"
+            + (f", dropped before {row['kept_from']}" if row["kept_from"] else "")
+        )
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
@@ -69,6 +100,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     from pipeline.consumer import consume_forever  # noqa: PLC0415
     from pipeline.db import make_engine  # noqa: PLC0415
     from pipeline.metrics import serve_metrics  # noqa: PLC0415
+    from pipeline.retention import PartitionMaintainer  # noqa: PLC0415
     from pipeline.store import Store  # noqa: PLC0415
     from pipeline.watchdog import ReaderWatchdog  # noqa: PLC0415
 
@@ -85,25 +117,29 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     # Migrations connect without these limits (pipeline.migrate); the consumer never waits
     # on the database without bound.
-    # One connection per writer, one for the reader watchdog.
+    # One connection per writer, one for the reader watchdog, one for partition maintenance.
     engine = make_engine(
         settings.database_url,
-        pool_size=settings.db_writers + 1,
+        pool_size=settings.db_writers + 2,
         timeouts=settings.database_timeouts,
     )
-    watchdog: ReaderWatchdog | None = None
+    tasks: list[ReaderWatchdog | PartitionMaintainer] = []
     try:
         if not _wait_for_schema(engine, stop):
             return 0
         serve_metrics(settings.metrics_port)
         if settings.reader_query_limit_s > 0:
-            watchdog = ReaderWatchdog(engine, limit_s=settings.reader_query_limit_s)
-            watchdog.start()
+            tasks.append(ReaderWatchdog(engine, limit_s=settings.reader_query_limit_s))
+        if settings.maintain_interval_s > 0:
+            tasks.append(PartitionMaintainer(engine, every_s=settings.maintain_interval_s))
+        for task in tasks:
+            task.start()
         consume_forever(settings, Store(engine), stop)
     finally:
-        if watchdog is not None:
-            watchdog.stop()
-            watchdog.join(15)
+        for task in tasks:
+            task.stop()
+        for task in tasks:
+            task.join(15)
         engine.dispose()
     log.info("stopped")
     return 0
@@ -237,13 +273,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_migrate)
 
     p = sub.add_parser(
+        "maintain",
+        help="create the partitions ahead and drop those past their retention, once",
+        description="The consumers do this at start and every PIPELINE_MAINTAIN_INTERVAL_S; "
+        "retention is set by `pipeline migrate` from PIPELINE_RETENTION_RAW_DAYS, "
+        "PIPELINE_RETENTION_MINUTE_DAYS and PIPELINE_RETENTION_10MIN_DAYS (see README).",
+    )
+    p.add_argument(
+        "--database-url",
+        help="default: $DATABASE_URL (the writer role is enough); no password here: "
+        "use PGPASSWORD or ~/.pgpass",
+    )
+    p.set_defaults(func=_cmd_maintain)
+
+    p = sub.add_parser(
         "consume",
         help="consume readings and node status into PostgreSQL until SIGTERM",
         description="Settings come from the environment: RABBITMQ_URL, RABBITMQ_USER, "
         "RABBITMQ_PASSWORD, DATABASE_URL, PIPELINE_PREFETCH, PIPELINE_BATCH_SIZE, "
         "PIPELINE_BATCH_MS, PIPELINE_METRICS_PORT, PIPELINE_LOG_INTERVAL_S, "
         "PIPELINE_DEAD_LETTER_KEY, PIPELINE_READER_QUERY_LIMIT_S, PIPELINE_DB_CONNECT_TIMEOUT_S, "
-        "PIPELINE_DB_TCP_TIMEOUT_S, PIPELINE_DB_STATEMENT_TIMEOUT_S, PIPELINE_DB_LOCK_TIMEOUT_S "
+        "PIPELINE_DB_TCP_TIMEOUT_S, PIPELINE_DB_STATEMENT_TIMEOUT_S, PIPELINE_DB_LOCK_TIMEOUT_S, "
+        "PIPELINE_DB_WRITERS, PIPELINE_MAINTAIN_INTERVAL_S "
         "(see README).",
     )
     p.add_argument(

@@ -58,6 +58,8 @@ class ConsumerSettings:
     log_interval_s: int = 60
     # Reader queries running longer are cancelled (pipeline.watchdog); 0 turns that off.
     reader_query_limit_s: int = 60
+    # maintain_partitions() at start and this often (pipeline.retention); 0 turns it off.
+    maintain_interval_s: int = 3600
     # How long the consumer waits for PostgreSQL (pipeline.db.DatabaseTimeouts): connecting,
     # a silent network path, one statement, one lock; 0 turns the last two off.
     db_connect_timeout_s: int = 10
@@ -115,6 +117,7 @@ class ConsumerSettings:
             metrics_port=_int(env, "PIPELINE_METRICS_PORT", 9102, 0, 65535),
             log_interval_s=_int(env, "PIPELINE_LOG_INTERVAL_S", 60, 1, 86_400),
             reader_query_limit_s=_int(env, "PIPELINE_READER_QUERY_LIMIT_S", 60, 0, 86_400),
+            maintain_interval_s=_int(env, "PIPELINE_MAINTAIN_INTERVAL_S", 3600, 0, 86_400),
             db_connect_timeout_s=_int(env, "PIPELINE_DB_CONNECT_TIMEOUT_S", 10, 1, 600),
             db_tcp_timeout_s=_int(env, "PIPELINE_DB_TCP_TIMEOUT_S", 30, 1, 600),
             db_statement_timeout_s=_int(env, "PIPELINE_DB_STATEMENT_TIMEOUT_S", 30, 0, 86_400),

@@ -61,8 +61,9 @@ def available() -> list[Migration]:
     return found
 
 
-def migrate(database_url: str) -> list[Migration]:
-    """Bring the database to the newest version; return the migrations that ran now.
+def migrate(database_url: str, *, upto: int | None = None) -> list[Migration]:
+    """Bring the database to the newest version (or to ``upto``); return the migrations that
+    ran now.
 
     Raises:
         MigrationError: a recorded migration's text changed, or a migration failed (its
@@ -100,6 +101,8 @@ def migrate(database_url: str) -> list[Migration]:
                     f"hand it to the owner role: {str(exc).strip()}"
                 ) from exc
             for migration in available():
+                if upto is not None and migration.version > upto:
+                    break
                 recorded = done.get(migration.version)
                 if recorded is not None:
                     if recorded != migration.checksum:

@@ -6,6 +6,14 @@ per sensor. A redelivered batch therefore changes nothing twice. Rows are sorted
 they are sent, and every upsert visits its keys in sorted order, so concurrent consumers wait
 for each other instead of deadlocking on rollup rows.
 
+``readings`` is partitioned by day (migration 0006), and each partition has its own unique key
+on (node, sensor, seq), the arbiter of ``ON CONFLICT``: a redelivery carries the same ts, so it
+meets its original there. A key stored in another partition is found through
+``node_seq_ranges`` (per node and partition, the range of sequence numbers stored), which the
+same statement keeps; in-order readings fall in no other partition's range and cost no
+lookup. Readings outside the days the partitions hold are refused before the statement, with
+a reason, and a store that meets a reading past the partitions made ahead makes them first.
+
 A key that is already stored is a duplicate only if the content is the same: when the insert
 took fewer rows than it was given, one more query tells a redelivery from a reused sequence
 number, which is refused (dead-lettered by the caller), never silently dropped. Node statuses
@@ -18,14 +26,16 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 
 from pipeline.decode import NodeStatus, Reading
 
@@ -61,14 +71,62 @@ WITH batch AS (
         CAST(%(kind)b AS text[]), CAST(%(ts)b AS timestamptz[]),
         CAST(%(temperature_c)b AS float8[]), CAST(%(humidity_pct)b AS float8[]),
         CAST(%(time_uncertain)b AS boolean[])
-    ) AS b(node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain)
+    ) WITH ORDINALITY
+      AS b(node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain, ord)
+),
+reach AS MATERIALIZED (
+    -- The stored sequence ranges (one per node and partition) that reach up to this batch's
+    -- smallest seq of their node. Readings that arrive in order meet none.
+    SELECT k.node, k.lo, k.hi, k.min_seq, k.max_seq
+      FROM (SELECT node, min(seq) AS seq FROM batch GROUP BY node) AS f
+      JOIN node_seq_ranges AS k ON k.node = f.node AND k.max_seq >= f.seq
+),
+elsewhere AS MATERIALIZED (
+    -- Readings whose key is stored in another partition (another day). One in the reading's
+    -- own partition is the arbiter's to find: that partition's unique key.
+    SELECT b.ord
+      FROM batch AS b
+      JOIN reach AS k
+        ON k.node = b.node AND b.seq BETWEEN k.min_seq AND k.max_seq
+       AND NOT (b.ts >= k.lo AND b.ts < k.hi)
+     WHERE EXISTS (SELECT FROM readings AS r
+                    WHERE r.node = b.node AND r.sensor = b.sensor AND r.seq = b.seq
+                      AND r.ts >= k.lo AND r.ts < k.hi)
+),
+fresh AS (
+    -- One reading per key (the first), and none whose key is stored elsewhere.
+    SELECT DISTINCT ON (b.node, b.sensor, b.seq) b.*
+      FROM batch AS b
+     WHERE b.ord NOT IN (SELECT ord FROM elsewhere)
+     ORDER BY b.node, b.sensor, b.seq, b.ord
 ),
 ins AS (
     INSERT INTO readings
         (node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain)
-    SELECT node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain FROM batch
-    ON CONFLICT ON CONSTRAINT readings_pkey DO NOTHING
+    SELECT node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain FROM fresh
+    ON CONFLICT DO NOTHING
     RETURNING node, sensor, seq, kind, ts, temperature_c, humidity_pct
+),
+ranges AS (
+    -- Each inserted row's partition: a UTC day, or the one made from the table as it was
+    -- before migration 0006 (legacy_to, NULL when there was none).
+    INSERT INTO node_seq_ranges AS k (node, lo, hi, min_seq, max_seq)
+    SELECT node, lo, hi, min(seq), max(seq)
+      FROM (SELECT i.node, i.seq,
+                   CASE WHEN i.ts < l.legacy_to THEN '-infinity'
+                        ELSE date_trunc('day', i.ts, 'UTC') END AS lo,
+                   CASE WHEN i.ts < l.legacy_to THEN l.legacy_to
+                        ELSE date_trunc('day', i.ts, 'UTC') + interval '1 day' END AS hi
+              FROM ins AS i
+              LEFT JOIN (SELECT legacy_to FROM data_retention WHERE level = 'raw') AS l
+                ON true) AS p
+     GROUP BY node, lo, hi
+     ORDER BY node, lo
+    ON CONFLICT ON CONSTRAINT node_seq_ranges_pkey DO UPDATE SET
+        min_seq = LEAST(k.min_seq, EXCLUDED.min_seq),
+        max_seq = GREATEST(k.max_seq, EXCLUDED.max_seq)
+    WHERE EXCLUDED.min_seq < k.min_seq OR EXCLUDED.max_seq > k.max_seq
+    RETURNING 1
 ),
 minutes AS (
     SELECT node, sensor, date_trunc('minute', ts) AS minute, max(kind) AS kind,
@@ -130,7 +188,8 @@ SELECT count(*) FROM ins
 # rows this batch inserted (a key that two rows of the batch share is compared with the row that
 # won) and rows another consumer committed meanwhile; received_at is not content.
 _FIND_CONFLICTS = """
-SELECT b.ord, r.kind, r.ts, r.temperature_c, r.humidity_pct, r.time_uncertain
+SELECT DISTINCT ON (b.ord) b.ord, r.kind, r.ts, r.temperature_c, r.humidity_pct,
+       r.time_uncertain
   FROM unnest(
         CAST(%(node)b AS text[]), CAST(%(sensor)b AS text[]), CAST(%(seq)b AS bigint[]),
         CAST(%(kind)b AS text[]), CAST(%(ts)b AS timestamptz[]),
@@ -138,10 +197,13 @@ SELECT b.ord, r.kind, r.ts, r.temperature_c, r.humidity_pct, r.time_uncertain
         CAST(%(time_uncertain)b AS boolean[])
   ) WITH ORDINALITY
     AS b(node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain, ord)
-  JOIN readings AS r ON r.node = b.node AND r.sensor = b.sensor AND r.seq = b.seq
+  JOIN node_seq_ranges AS k ON k.node = b.node AND b.seq BETWEEN k.min_seq AND k.max_seq
+  JOIN readings AS r
+    ON r.node = b.node AND r.sensor = b.sensor AND r.seq = b.seq
+   AND r.ts >= k.lo AND r.ts < k.hi
  WHERE (r.kind, r.ts, r.temperature_c, r.humidity_pct, r.time_uncertain)
        IS DISTINCT FROM (b.kind, b.ts, b.temperature_c, b.humidity_pct, b.time_uncertain)
- ORDER BY b.ord
+ ORDER BY b.ord, r.ts
 """
 
 # The WHERE of DO UPDATE is the session rule (Sparkplug's bdSeq idea): `session` names one MQTT
@@ -229,6 +291,7 @@ class Store:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._held: set[Connection] = set()
+        self._days: _StoredDays | None = None
 
     def close(self) -> None:
         """Return every held connection to the engine's pool; call it when no thread writes."""
@@ -277,14 +340,25 @@ class Store:
         """
         conn = self._connection()
         try:
-            refused: list[tuple[int, str]] = []
-            try:
-                # The common case: one statement, committed on its own, no savepoints.
-                with conn.begin():
-                    inserted, conflicts = self._insert_batch(conn, readings)
-            except (DataError, IntegrityError):
-                with self._transaction(conn):
-                    inserted, refused, conflicts = self._insert_one_by_one(conn, readings)
+            for attempt in (1, 2):
+                outside = self._outside_stored_days(conn, readings)
+                batch, index = _without(readings, outside)
+                refused: list[tuple[int, str]] = []
+                try:
+                    # The common case: one statement, committed on its own, no savepoints.
+                    with conn.begin():
+                        inserted, conflicts = self._insert_batch(conn, batch)
+                except (DataError, IntegrityError) as exc:
+                    if attempt == 1 and _no_partition(exc):
+                        # Partitions dropped or not yet made since this store last looked.
+                        self._maintain(conn)
+                        continue
+                    with self._transaction(conn):
+                        inserted, refused, conflicts = self._insert_one_by_one(conn, batch)
+                break
+            if index is not None:
+                refused = outside + [(index[i], reason) for i, reason in refused]
+                conflicts = [(index[i], reason) for i, reason in conflicts]
             refused_statuses: list[tuple[int, str]] = []
             if statuses:
                 merged = _merged(statuses)
@@ -307,6 +381,50 @@ class Store:
             statuses=len(statuses),
             refused_statuses=refused_statuses,
         )
+
+    def _stored_days(self, conn: Connection, *, fresh: bool = False) -> _StoredDays:
+        """What raw readings the partitions hold (data_retention), read at most once a minute."""
+        days = self._days
+        now = time.monotonic()
+        if fresh or days is None or now - days.read_at > _STORED_DAYS_TTL_S:
+            with conn.begin():
+                row = conn.exec_driver_sql(_READ_STORED_DAYS).one_or_none()
+            if row is None:
+                days = _StoredDays(None, None, None, now)
+            else:
+                days = _StoredDays(row[0], row[1], row[2], now)
+            self._days = days
+        return days
+
+    def _maintain(self, conn: Connection) -> _StoredDays:
+        """Make the partitions now (maintenance may be late, or ran in another consumer) and
+        read the days again. If that fails, the readings outside are refused, never held."""
+        try:
+            with conn.begin():
+                conn.exec_driver_sql("SELECT count(*) FROM maintain_partitions()").all()
+        except (DataError, IntegrityError, ProgrammingError) as exc:
+            log.warning("maintain_partitions() failed: %s", _reason(exc))
+        return self._stored_days(conn, fresh=True)
+
+    def _outside_stored_days(
+        self, conn: Connection, readings: Sequence[Reading]
+    ) -> list[tuple[int, str]]:
+        """Readings no partition would take, as refusals: older than the raw retention, or
+        (after maintain_partitions() ran once more) past the partitions created ahead."""
+        if not readings:
+            return []
+        stamps = [r[4] for r in readings]  # Reading.ts
+        days = self._stored_days(conn)
+        if days.holds(min(stamps)) and days.holds(max(stamps)):
+            return []
+        if days.hi is not None and max(stamps) >= days.hi:
+            days = self._maintain(conn)
+        outside = [(i, days.reason(ts)) for i, ts in enumerate(stamps) if not days.holds(ts)]
+        if outside:
+            log.warning(
+                "readings outside the stored days refused=%d first=%s", len(outside), outside[0][1]
+            )
+        return outside
 
     @contextlib.contextmanager
     def _transaction(self, conn: Connection) -> Iterator[None]:
@@ -424,6 +542,52 @@ class Store:
         return sorted(refused)
 
 
+_READ_STORED_DAYS = """
+SELECT nullif(stored_from, '-infinity'), nullif(stored_to, 'infinity'), keep_days
+  FROM data_retention WHERE level = 'raw'
+"""
+
+# How long a Store trusts what it read of data_retention: partitions change once a day.
+_STORED_DAYS_TTL_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _StoredDays:
+    """The readings partitions cover [lo, hi) (None: unbounded); the raw retention in days."""
+
+    lo: datetime | None
+    hi: datetime | None
+    keep_days: int | None
+    read_at: float
+
+    def holds(self, ts: datetime) -> bool:
+        return (self.lo is None or ts >= self.lo) and (self.hi is None or ts < self.hi)
+
+    def reason(self, ts: datetime) -> str:
+        if self.lo is not None and ts < self.lo:
+            keep = f"{self.keep_days} days" if self.keep_days else "for ever"
+            return (
+                f"ts={_format_ts(ts)} is older than the readings the database keeps (from "
+                f"{_format_ts(self.lo)}; raw retention {keep}): not stored"
+            )
+        shown = "nowhere" if self.hi is None else _format_ts(self.hi)
+        return (
+            f"ts={_format_ts(ts)} is past the partitions the database has (up to {shown}) "
+            "even after maintain_partitions(): not stored"
+        )
+
+
+def _without(
+    readings: Sequence[Reading], refused: Sequence[tuple[int, str]]
+) -> tuple[Sequence[Reading], list[int] | None]:
+    """The readings not refused, and their indices in ``readings`` (None: all of them)."""
+    if not refused:
+        return readings, None
+    gone = {i for i, _ in refused}
+    index = [i for i in range(len(readings)) if i not in gone]
+    return [readings[i] for i in index], index
+
+
 # A node's merged status and the indices (into the batch's statuses) it was merged from.
 _NodeRows = tuple[NodeStatus, list[int]]
 
@@ -500,10 +664,15 @@ def _result(
         inserted=inserted,
         duplicates=readings - inserted - len(refused) - len(conflicts),
         statuses=statuses - len(refused_statuses),
-        refused=tuple(sorted(refused + conflicts)) if conflicts else tuple(refused),
+        refused=tuple(sorted(refused + conflicts)),
         refused_statuses=tuple(refused_statuses),
         conflicts=len(conflicts),
     )
+
+
+def _no_partition(exc: DBAPIError) -> bool:
+    """The row's time has no partition (PostgreSQL says so with a check_violation)."""
+    return isinstance(exc.orig, psycopg.errors.CheckViolation) and "no partition" in str(exc.orig)
 
 
 def _reason(exc: DBAPIError) -> str:

@@ -12,11 +12,11 @@ replicas doing it at once cancel nothing twice: a cancelled query is no longer a
 from __future__ import annotations
 
 import logging
-import threading
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from pipeline.periodic import PeriodicTask
 
 __all__ = ["ReaderWatchdog"]
 
@@ -25,45 +25,24 @@ log = logging.getLogger(__name__)
 _CANCEL = text("SELECT cancel_overlong_reader_queries(make_interval(secs => :limit))")
 
 
-class ReaderWatchdog(threading.Thread):
+class ReaderWatchdog(PeriodicTask):
     """Every ``every_s`` seconds, cancel reader queries running longer than ``limit_s``.
 
     Never raises: a database that is down, or a schema without the function (before `pipeline
     migrate` ran), is logged once and tried again later; the consumer goes on regardless.
     """
 
+    what = "enforce the reader's time limit"
+
     def __init__(self, engine: Engine, *, limit_s: float, every_s: float = 10.0) -> None:
-        super().__init__(name="pipeline-reader-watchdog", daemon=True)
+        super().__init__("pipeline-reader-watchdog", every_s=every_s)
         self._engine = engine
         self._limit_s = limit_s
-        self._every_s = every_s
-        self._halt = threading.Event()
-        self._failing = False
         self.cancelled = 0
 
-    def stop(self) -> None:
-        self._halt.set()
-
-    def run(self) -> None:
-        while not self._halt.wait(self._every_s):
-            self.check()
-
-    def check(self) -> int:
-        """One round: the number of queries cancelled now (0 when it could not ask)."""
-        try:
-            with self._engine.begin() as conn:
-                cancelled = int(conn.execute(_CANCEL, {"limit": self._limit_s}).scalar_one())
-        except (DBAPIError, SQLAlchemyError) as exc:
-            if not self._failing:
-                self._failing = True
-                log.warning(
-                    "cannot enforce the reader's time limit (will retry): %s",
-                    str(exc).strip().splitlines()[0],
-                )
-            return 0
-        if self._failing:
-            self._failing = False
-            log.info("enforcing the reader's time limit again limit_s=%g", self._limit_s)
+    def run_once(self) -> None:
+        with self._engine.begin() as conn:
+            cancelled = int(conn.execute(_CANCEL, {"limit": self._limit_s}).scalar_one())
         if cancelled:
             self.cancelled += cancelled
             log.warning(
@@ -71,4 +50,3 @@ class ReaderWatchdog(threading.Thread):
                 cancelled,
                 self._limit_s,
             )
-        return cancelled
