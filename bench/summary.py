@@ -113,22 +113,85 @@ def say(msg: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# Every index of a table and of its partitions that is not itself a partition of an index
+# (dropping an index of a partitioned table drops its partitions' with it): a partitioned
+# table's own indexes and each partition's unique key (migration 0006), or a plain table's
+# (pg_partition_tree() has no rows for a table that is not partitioned).
+_INDEXES = """
+SELECT c.relname, pg_get_indexdef(c.oid), con.conname, pg_get_constraintdef(con.oid),
+       i.indrelid::regclass::text
+  FROM (SELECT %(table)s::regclass AS relid
+        UNION SELECT relid FROM pg_partition_tree(%(table)s::regclass)) AS t
+  JOIN pg_index AS i ON i.indrelid = t.relid
+  JOIN pg_class AS c ON c.oid = i.indexrelid
+  LEFT JOIN pg_constraint AS con
+    ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u')
+ WHERE NOT EXISTS (SELECT FROM pg_inherits AS h WHERE h.inhrelid = i.indexrelid)
+ ORDER BY i.indrelid, c.relname
+"""
+
+# (index name, its definition, its constraint's name and definition or None, its table)
+Index = tuple[str, str, str | None, str | None, str]
+
+
+def drop_indexes(conn: psycopg.Connection[tuple[object, ...]], table: str) -> list[Index]:
+    """Drop the indexes of ``table`` and its partitions; what rebuild_indexes() needs."""
+    indexes: list[Index] = [
+        (str(n), str(d), None if c is None else str(c), None if cd is None else str(cd), str(t))
+        for n, d, c, cd, t in conn.execute(_INDEXES, {"table": table}).fetchall()
+    ]
+    for name, _, constraint, _, owner in indexes:
+        if constraint:
+            conn.execute(f"ALTER TABLE {owner} DROP CONSTRAINT {constraint}")
+        else:
+            conn.execute(f"DROP INDEX {name}")
+    return indexes
+
+
+def rebuild_indexes(
+    conn: psycopg.Connection[tuple[object, ...]], indexes: list[Index], *, report: bool = True
+) -> float:
+    """Create the indexes drop_indexes() dropped, from their own definitions; the seconds it
+    took. An index of a partitioned table is defined ON ONLY the parent; made without ONLY it
+    is built on every partition too. ``report`` names each index that took a second or more.
+    """
+    start = time.monotonic()
+    for name, definition, constraint, constraint_def, owner in indexes:
+        began = time.monotonic()
+        if constraint:
+            conn.execute(f"ALTER TABLE {owner} ADD CONSTRAINT {constraint} {constraint_def}")
+        else:
+            conn.execute(definition.replace(" ON ONLY ", " ON ", 1))
+        if report and time.monotonic() - began >= 1:
+            say(f"index {name}: {time.monotonic() - began:.0f} s")
+    return time.monotonic() - start
+
+
+# Migration 0006: per node and partition of readings, the range of sequence numbers stored
+# there, which Store.write consults: rows loaded around it are recorded as it would record
+# them.
+_SEQ_RANGES = """
+INSERT INTO {table} ({keys}, lo, hi, min_seq, max_seq)
+SELECT {r_keys}, b.lo, b.hi, min(r.seq), max(r.seq)
+  FROM readings AS r
+  JOIN partition_bounds('readings') AS b ON b.part::oid = r.tableoid
+ GROUP BY {r_keys}, b.lo, b.hi
+"""
+
+
+def seq_ranges(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[str, list[str]] | None:
+    """The table of stored sequence ranges (0006) and its key columns besides the bounds;
+    None before 0006."""
+    row = conn.execute("SELECT to_regclass('node_seq_ranges')").fetchone()
+    return None if row is None or row[0] is None else ("node_seq_ranges", ["node"])
+
+
 def load(url: str, sensors: int, readings: int, end: datetime) -> int:
     """COPY ``readings`` rows into an index-free readings table, then rebuild its indexes."""
     steps = readings // sensors
     t0 = end - timedelta(seconds=INTERVAL_S * steps)
     with psycopg.connect(url, autocommit=True) as admin:
-        indexes = admin.execute(
-            "SELECT c.relname, pg_get_indexdef(c.oid), con.conname, pg_get_constraintdef(con.oid)"
-            "  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-            "  LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid"
-            " WHERE i.indrelid = 'readings'::regclass"
-        ).fetchall()
-        for name, _, constraint, _ in indexes:
-            if constraint:
-                admin.execute(f"ALTER TABLE readings DROP CONSTRAINT {constraint}")
-            else:
-                admin.execute(f"DROP INDEX {name}")
+        indexes = drop_indexes(admin, "readings")
     chunk = max(1, 360_000 // sensors)  # about an hour of readings per COPY
     began = time.monotonic()
     with (
@@ -158,27 +221,30 @@ def load(url: str, sensors: int, readings: int, end: datetime) -> int:
     with psycopg.connect(url, autocommit=True) as admin:
         admin.execute("SET maintenance_work_mem = '1GB'")
         admin.execute("SET work_mem = '1GB'")
-        for name, definition, constraint, constraint_def in indexes:
-            began = time.monotonic()
-            if constraint:
-                admin.execute(f"ALTER TABLE readings ADD CONSTRAINT {constraint} {constraint_def}")
-            else:
-                admin.execute(definition)
-            say(f"index {name}: {time.monotonic() - began:.0f} s")
+        took = rebuild_indexes(admin, indexes)
+        say(f"{len(indexes)} indexes rebuilt in {took:.0f} s")
         began = time.monotonic()
         admin.execute(_ROLLUP)
         admin.execute(_ROLLUP_10MIN)
         admin.execute(_LATEST, {"t0": t0})
-        say(f"rollup and latest: {time.monotonic() - began:.0f} s")
+        if ranges := seq_ranges(admin):
+            table, keys = ranges
+            admin.execute(
+                _SEQ_RANGES.format(
+                    table=table, keys=", ".join(keys), r_keys=", ".join(f"r.{k}" for k in keys)
+                ).encode()
+            )
+        say(f"rollup, latest and sequence ranges: {time.monotonic() - began:.0f} s")
         began = time.monotonic()
         admin.execute("VACUUM (ANALYZE) readings, readings_minute, readings_10min, sensors")
         say(f"vacuum analyze: {time.monotonic() - began:.0f} s")
         size = admin.execute(
-            "SELECT pg_size_pretty(pg_total_relation_size('readings')),"
-            "       pg_size_pretty(pg_total_relation_size('readings_minute'))"
-        ).fetchone()
-        assert size is not None
-        say(f"readings {size[0]} with indexes, readings_minute {size[1]}")
+            "SELECT pg_size_pretty(sum(pg_total_relation_size(relid)))"
+            "  FROM pg_partition_tree('readings')"
+            " UNION ALL SELECT pg_size_pretty(sum(pg_total_relation_size(relid)))"
+            "  FROM pg_partition_tree('readings_minute')"
+        ).fetchall()
+        say(f"readings {size[0][0]} with indexes, readings_minute {size[1][0]}")
     return copied
 
 
@@ -222,8 +288,11 @@ class LiveWriter(threading.Thread):
             self.catch_up()
 
 
+# $1 to $6 of the function's statement; since 0006 also $7 and $8 (read the raw rows at the
+# left and the right end) and $9 (exact): true for the last hour, inside the raw retention.
 _BOUNDS = """
-SELECT t0, t1, m0, m1, b0, greatest(date_bin('10 minutes', m1, TIMESTAMPTZ '2000-01-01Z'), b0)
+SELECT t0, t1, m0, m1, b0, greatest(date_bin('10 minutes', m1, TIMESTAMPTZ '2000-01-01Z'), b0),
+       true, true, true
   FROM (SELECT t0, t1, m0, greatest(date_trunc('minute', t1), m0) AS m1,
                date_bin('10 minutes', m0 + interval '9 minutes', TIMESTAMPTZ '2000-01-01Z') AS b0
           FROM (SELECT now() - interval '1 hour' AS t0, now() AS t1,
@@ -244,7 +313,9 @@ def inner_plan(conn: psycopg.Connection[tuple[object, ...]]) -> str:
     bounds = conn.execute(_BOUNDS).fetchone()
     assert bounds is not None
     for i in range(len(bounds), 0, -1):
-        statement = statement.replace(f"${i}", f"'{bounds[i - 1].isoformat()}'::timestamptz")
+        value = bounds[i - 1]
+        shown = f"'{value.isoformat()}'::timestamptz" if isinstance(value, datetime) else value
+        statement = statement.replace(f"${i}", str(shown))
     with conn.transaction():
         conn.execute("SET LOCAL jit = off")
         conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")

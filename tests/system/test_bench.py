@@ -71,3 +71,32 @@ def test_drain_benchmark_runs_ours_and_the_minimal_consumer() -> None:
     assert "(d) minimal consumer: 3000 in" in out
     assert "ours x1: 3000 in" in out
     assert "ours x1 total / ((a) + (b))" in out
+
+
+@pytest.mark.slow
+def test_partitions_benchmark_runs_every_measurement() -> None:
+    out = _bench(
+        "partitions",
+        "--readings",
+        "20000",
+        "--days",
+        "2",
+        "--queries",
+        "5",
+        "--repeat",
+        "1",
+        "--write-readings",
+        "2000",
+        "--drain-readings",
+        "2000",
+    )
+    assert "P's summary equals U's for all 200 sensors, and says it is exact" in out
+    for measurement in (
+        "(a) write rate",
+        "(b) drain",
+        "(c) summary",
+        "(d) retention drop",
+        "(e) migration of U",
+    ):
+        assert measurement in out
+    assert "it did: dropped readings_p" in out
