@@ -81,33 +81,13 @@ ALTER TABLE readings_legacy RENAME CONSTRAINT readings_pkey TO readings_legacy_k
 ALTER INDEX readings_sensor_ts RENAME TO readings_legacy_sensor_ts;
 ALTER INDEX readings_ts RENAME TO readings_legacy_ts;
 
+-- The same columns, defaults and CHECK constraints (with their names), and comments.
 CREATE TABLE readings (
-    node            text             NOT NULL,
-    sensor          text             NOT NULL,
-    seq             bigint           NOT NULL,
-    kind            text             NOT NULL,
-    ts              timestamptz      NOT NULL,
-    temperature_c   double precision NOT NULL,
-    humidity_pct    double precision,
-    time_uncertain  boolean          NOT NULL DEFAULT false,
-    received_at     timestamptz      NOT NULL DEFAULT now(),
-    CONSTRAINT readings_node_id CHECK (node ~ '^[A-Za-z0-9_-]{1,64}$'),
-    CONSTRAINT readings_sensor_id CHECK (sensor ~ '^[A-Za-z0-9_-]{1,64}$'),
-    CONSTRAINT readings_seq_range CHECK (seq >= 0),
-    CONSTRAINT readings_kind CHECK (kind IN ('ds18b20', 'dht22', 'cpu', 'simulated', 'legacy')),
-    CONSTRAINT readings_temperature_finite
-        CHECK (temperature_c > '-infinity' AND temperature_c < 'infinity'),
-    CONSTRAINT readings_humidity_range CHECK (humidity_pct BETWEEN 0 AND 100)
+    LIKE readings_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS
 ) PARTITION BY RANGE (ts);
 COMMENT ON TABLE readings IS
     'One row per reading a node took, partitioned by day (UTC) of ts; exactly once by'
     ' (node, sensor, seq): a unique index in each partition, and node_seq_ranges across them.';
-COMMENT ON COLUMN readings.seq IS
-    'Per-node sequence number (never repeats); for legacy course messages, epoch milliseconds.';
-COMMENT ON COLUMN readings.ts IS 'The node''s UTC time of the reading.';
-COMMENT ON COLUMN readings.time_uncertain IS
-    'The node could not confirm its clock (no NTP sync) when it sent this reading.';
-COMMENT ON COLUMN readings.received_at IS 'When the pipeline committed the row.';
 CREATE INDEX readings_sensor_ts ON readings (node, sensor, ts DESC);
 CREATE INDEX readings_ts ON readings (ts);
 
@@ -118,22 +98,8 @@ ALTER TABLE readings_minute_legacy
     RENAME CONSTRAINT readings_minute_pkey TO readings_minute_legacy_pkey;
 ALTER INDEX readings_minute_minute RENAME TO readings_minute_legacy_minute;
 CREATE TABLE readings_minute (
-    node        text             NOT NULL,
-    sensor      text             NOT NULL,
-    minute      timestamptz      NOT NULL,
-    kind        text             NOT NULL,
-    n           integer          NOT NULL,
-    sum_c       double precision NOT NULL,
-    min_c       double precision NOT NULL,
-    max_c       double precision NOT NULL,
-    n_h         integer          NOT NULL,
-    sum_h       double precision,
-    min_h       double precision,
-    max_h       double precision,
-    first_ts    timestamptz      NOT NULL,
-    last_ts     timestamptz      NOT NULL,
-    CONSTRAINT readings_minute_pkey PRIMARY KEY (node, sensor, minute),
-    CONSTRAINT readings_minute_is_minute CHECK (minute = date_trunc('minute', minute))
+    LIKE readings_minute_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS,
+    CONSTRAINT readings_minute_pkey PRIMARY KEY (node, sensor, minute)
 ) PARTITION BY RANGE (minute);
 COMMENT ON TABLE readings_minute IS
     'Per-minute aggregates of readings (by the reading''s ts), kept by the pipeline in the'
@@ -145,23 +111,8 @@ ALTER TABLE readings_10min_legacy
     RENAME CONSTRAINT readings_10min_pkey TO readings_10min_legacy_pkey;
 ALTER INDEX readings_10min_bucket RENAME TO readings_10min_legacy_bucket;
 CREATE TABLE readings_10min (
-    node        text             NOT NULL,
-    sensor      text             NOT NULL,
-    bucket      timestamptz      NOT NULL,
-    kind        text             NOT NULL,
-    n           integer          NOT NULL,
-    sum_c       double precision NOT NULL,
-    min_c       double precision NOT NULL,
-    max_c       double precision NOT NULL,
-    n_h         integer          NOT NULL,
-    sum_h       double precision,
-    min_h       double precision,
-    max_h       double precision,
-    first_ts    timestamptz      NOT NULL,
-    last_ts     timestamptz      NOT NULL,
-    CONSTRAINT readings_10min_pkey PRIMARY KEY (node, sensor, bucket),
-    CONSTRAINT readings_10min_is_bucket
-        CHECK (bucket = date_bin('10 minutes', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'))
+    LIKE readings_10min_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS,
+    CONSTRAINT readings_10min_pkey PRIMARY KEY (node, sensor, bucket)
 ) PARTITION BY RANGE (bucket);
 COMMENT ON TABLE readings_10min IS
     'Ten-minute aggregates of readings (buckets aligned to UTC), kept by the pipeline with'
