@@ -42,6 +42,25 @@ def _rows(database: Database, sql: str) -> list[tuple[object, ...]]:
         return list(conn.execute(sql))
 
 
+def _dead_lettered(
+    rabbit: RabbitBroker,
+    database: Database,
+    consumer: ConsumerProcess,
+    message: tuple[str, bytes],
+    *,
+    stored: int,
+) -> str:
+    """Wait for ``message`` as the one dead letter and ``stored`` rows, all settled; stop the
+    consumer and return the dead letter's reason."""
+    rabbit.wait_depth("readings.dead", 1, timeout=60)
+    wait_for(f"{stored} rows", lambda: len(_rows(database, "SELECT 1 FROM readings")) == stored, 60)
+    wait_for("readings settled", lambda: rabbit.unacked("readings") == (0, 0), 30)
+    assert consumer.terminate() == 0
+    [(_method, props, body)] = rabbit.drain("readings.dead")
+    assert body == message[1]
+    return str(props.headers["x-reject-reason"])
+
+
 def test_a_reused_sequence_number_is_dead_lettered_not_dropped(
     rabbit: RabbitBroker, database: Database, consumers: list[ConsumerProcess]
 ) -> None:
@@ -52,13 +71,7 @@ def test_a_reused_sequence_number_is_dead_lettered_not_dropped(
     wait_for("the first reading", lambda: len(_rows(database, "SELECT 1 FROM readings")) == 1, 60)
     reused = _reading(5, 30.25)  # another card of pi-1 that restarted its counter
     rabbit.publish([first, reused, _reading(6, 22.0)])  # a true duplicate, a reuse, a new one
-    rabbit.wait_depth("readings.dead", 1, timeout=60)
-    wait_for("seq 6 stored", lambda: len(_rows(database, "SELECT 1 FROM readings")) == 2, 60)
-    wait_for("readings settled", lambda: rabbit.unacked("readings") == (0, 0), 30)
-    assert consumer.terminate() == 0
-    [(_method, props, body)] = rabbit.drain("readings.dead")
-    assert body == reused[1]
-    reason = props.headers["x-reject-reason"]
+    reason = _dead_lettered(rabbit, database, consumer, reused, stored=2)
     assert reason.startswith("sequence number reused with different content")
     assert "seq=5" in reason
     assert "21.5" in reason
@@ -80,13 +93,7 @@ def test_a_reading_older_than_the_raw_retention_is_dead_lettered_with_its_reason
     rabbit.publish([_reading(2, 20.0), old, _reading(3, 21.0)])
     consumer = ConsumerProcess(rabbit, database.writer_url)
     consumers.append(consumer)
-    rabbit.wait_depth("readings.dead", 1, timeout=60)
-    wait_for("two stored", lambda: len(_rows(database, "SELECT 1 FROM readings")) == 2, 60)
-    wait_for("readings settled", lambda: rabbit.unacked("readings") == (0, 0), 30)
-    assert consumer.terminate() == 0
-    [(_method, props, body)] = rabbit.drain("readings.dead")
-    assert body == old[1]
-    reason = props.headers["x-reject-reason"]
+    reason = _dead_lettered(rabbit, database, consumer, old, stored=2)
     assert " is older than the readings the database keeps (from " in reason
     assert "raw retention 30 days): not stored" in reason
     assert _rows(database, "SELECT seq FROM readings ORDER BY seq") == [(2,), (3,)]
