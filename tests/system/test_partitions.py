@@ -147,6 +147,20 @@ def test_a_key_reused_on_another_day_is_refused_in_the_same_batch_or_later(
     assert _query(database, "SELECT count(*) FROM readings") == [(3,)]
 
 
+def test_a_number_inside_another_days_range_but_not_stored_there_is_new(
+    engine: Engine, database: Database
+) -> None:
+    """Held back by the batch statement, looked up in that day, then written after all."""
+    store = Store(engine)
+    day1 = _NOW - timedelta(days=2)
+    store.write([_reading(10, day1), _reading(80, day1 + timedelta(minutes=10))])
+    late = [_reading(50, _NOW, sensor="t2"), _reading(81, _NOW)]  # 50 lies in day 1's range
+    assert store.write(late) == BatchResult(inserted=2, duplicates=0, statuses=0)
+    assert store.write(late) == BatchResult(inserted=0, duplicates=2, statuses=0)
+    assert _query(database, "SELECT count(*) FROM readings") == [(4,)]
+    assert _query(database, "SELECT sum(n) FROM readings_minute") == [(4,)]
+
+
 def test_batches_committed_out_of_order_store_everything(
     engine: Engine, database: Database
 ) -> None:
@@ -495,6 +509,11 @@ def test_migrate_sets_the_retention_and_maintain_applies_it(database: Database) 
     again = _pipeline(database.writer_url, "maintain")
     assert again.returncode == 0, again.stderr
     assert "partitions are up to date" in again.stdout
+    reader = _pipeline(database.reader_url, "maintain")
+    assert reader.returncode == 1
+    assert "the database refused: permission denied for function maintain_partitions" in (
+        reader.stderr
+    )
 
     bad = _pipeline(database.owner_url, "migrate", PIPELINE_RETENTION_MINUTE_DAYS="5")
     assert bad.returncode == 2

@@ -22,6 +22,7 @@ def test_defaults_keep_raw_a_month_minutes_over_a_year_and_buckets_for_ever() ->
         ({"PIPELINE_RETENTION_RAW_DAYS": "7"}, (7, 400, None)),
         ({"PIPELINE_RETENTION_MINUTE_DAYS": "0"}, (30, None, None)),
         ({"PIPELINE_RETENTION_MINUTE_DAYS": "forever"}, (30, None, None)),
+        ({"PIPELINE_RETENTION_MINUTE_DAYS": "00"}, (30, None, None)),
         ({"PIPELINE_RETENTION_10MIN_DAYS": "3650"}, (30, 400, 3650)),
         (
             {"PIPELINE_RETENTION_RAW_DAYS": "400", "PIPELINE_RETENTION_MINUTE_DAYS": "400"},
@@ -50,6 +51,7 @@ def test_unset_levels_keep_the_stored_values() -> None:
     [
         ({"PIPELINE_RETENTION_RAW_DAYS": "7d"}, "PIPELINE_RETENTION_RAW_DAYS='7d' is not a whole"),
         ({"PIPELINE_RETENTION_RAW_DAYS": "-1"}, "PIPELINE_RETENTION_RAW_DAYS='-1' is not a whole"),
+        ({"PIPELINE_RETENTION_RAW_DAYS": "²"}, "PIPELINE_RETENTION_RAW_DAYS='²' is not a whole"),
         (
             {"PIPELINE_RETENTION_RAW_DAYS": "100001"},
             "PIPELINE_RETENTION_RAW_DAYS=100001 is outside",

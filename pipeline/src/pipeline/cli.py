@@ -344,8 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return 1
-    except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:
-        print(f"pipeline: cannot reach the database: {str(exc).strip()}", file=sys.stderr)
+    except (psycopg.OperationalError, sqlalchemy.exc.DBAPIError) as exc:
+        if isinstance(exc, psycopg.OperationalError | sqlalchemy.exc.OperationalError):
+            print(f"pipeline: cannot reach the database: {str(exc).strip()}", file=sys.stderr)
+        else:  # a permission, or a schema older than the command needs
+            first = str(exc.orig or exc).strip().splitlines()[0]
+            print(f"pipeline: the database refused: {first}", file=sys.stderr)
         return 1
     except pika.exceptions.AMQPError as exc:
         print(f"pipeline: RabbitMQ refused or is unreachable: {exc!r}", file=sys.stderr)

@@ -106,9 +106,9 @@ class RetentionPolicy:
             raw = env.get(name, "").strip()
             if not raw:
                 continue
-            if raw.lower() in ("0", "forever"):
+            if raw.lower() == "forever" or (raw.isascii() and raw.isdigit() and int(raw) == 0):
                 days[level] = None
-            elif raw.isdigit():
+            elif raw.isascii() and raw.isdigit():
                 if int(raw) > _MAX_DAYS:
                     raise ConfigError(f"{name}={raw} is outside 1..{_MAX_DAYS} (0 keeps for ever)")
                 days[level] = int(raw)

@@ -81,23 +81,24 @@ reach AS MATERIALIZED (
       FROM (SELECT node, min(seq) AS seq FROM batch GROUP BY node) AS f
       JOIN node_seq_ranges AS k ON k.node = f.node AND k.max_seq >= f.seq
 ),
-elsewhere AS MATERIALIZED (
-    -- Readings whose key is stored in another partition (another day). One in the reading's
-    -- own partition is the arbiter's to find: that partition's unique key.
-    SELECT b.ord
+held AS MATERIALIZED (
+    -- Readings whose seq lies in another partition's range (another day): their key may be
+    -- stored there. They are held back: Store looks them up and writes the new ones with
+    -- trusted = true. One in the reading's own partition is the arbiter's to find: that
+    -- partition's unique key. Looking them up here would plan every partition of readings
+    -- for every batch.
+    SELECT DISTINCT b.ord
       FROM batch AS b
       JOIN reach AS k
         ON k.node = b.node AND b.seq BETWEEN k.min_seq AND k.max_seq
        AND NOT (b.ts >= k.lo AND b.ts < k.hi)
-     WHERE EXISTS (SELECT FROM readings AS r
-                    WHERE r.node = b.node AND r.sensor = b.sensor AND r.seq = b.seq
-                      AND r.ts >= k.lo AND r.ts < k.hi)
+     WHERE NOT %(trusted)s
 ),
 fresh AS (
-    -- One reading per key (the first), and none whose key is stored elsewhere.
+    -- One reading per key (the first), none of those held back.
     SELECT DISTINCT ON (b.node, b.sensor, b.seq) b.*
       FROM batch AS b
-     WHERE b.ord NOT IN (SELECT ord FROM elsewhere)
+     WHERE b.ord NOT IN (SELECT ord FROM held)
      ORDER BY b.node, b.sensor, b.seq, b.ord
 ),
 ins AS (
@@ -180,8 +181,24 @@ latest AS (
     WHERE (EXCLUDED.last_ts, EXCLUDED.last_seq) > (s.last_ts, s.last_seq)
     RETURNING 1
 )
-SELECT count(*) FROM ins
+SELECT (SELECT count(*) FROM ins), (SELECT array_agg(ord) FROM held)
 """.replace("{merge}", _MERGE_AGGREGATES)
+
+# Of the readings held back (``ord``: 1-based position among them), those whose key is stored
+# in the other partition whose sequence range holds it (the run time prunes the rest).
+_STORED_ELSEWHERE = """
+SELECT DISTINCT b.ord
+  FROM unnest(
+        CAST(%(node)b AS text[]), CAST(%(sensor)b AS text[]), CAST(%(seq)b AS bigint[]),
+        CAST(%(ts)b AS timestamptz[])
+  ) WITH ORDINALITY AS b(node, sensor, seq, ts, ord)
+  JOIN node_seq_ranges AS k
+    ON k.node = b.node AND b.seq BETWEEN k.min_seq AND k.max_seq
+   AND NOT (b.ts >= k.lo AND b.ts < k.hi)
+ WHERE EXISTS (SELECT FROM readings AS r
+                WHERE r.node = b.node AND r.sensor = b.sensor AND r.seq = b.seq
+                  AND r.ts >= k.lo AND r.ts < k.hi)
+"""
 
 # The readings sent (``ord``: 1-based position among them) whose key is stored with other
 # content. Run after the insert, in the same transaction and with a new snapshot, so it sees the
@@ -440,10 +457,18 @@ class Store:
     def _insert(self, conn: Connection, rows: Sequence[Reading]) -> int:
         if not rows:
             return 0
-        # Reading is a named tuple: zip transposes the rows into columns at C speed.
-        columns = zip(*rows, strict=True)
-        params = {name: list(col) for name, col in zip(Reading._fields, columns, strict=True)}
-        return int(conn.exec_driver_sql(_WRITE_READINGS, params).scalar_one())
+        inserted, held = conn.exec_driver_sql(_WRITE_READINGS, _columns(rows, trusted=False)).one()
+        if held:
+            # Their seq lies in another day's range: store those whose key is not there.
+            candidates = [rows[o - 1] for o in sorted(held)]
+            params = _columns(candidates)
+            elsewhere = {int(o) for (o,) in conn.exec_driver_sql(_STORED_ELSEWHERE, params)}
+            new = [r for o, r in enumerate(candidates, 1) if o not in elsewhere]
+            if new:
+                inserted += conn.exec_driver_sql(
+                    _WRITE_READINGS, _columns(new, trusted=True)
+                ).one()[0]
+        return int(inserted)
 
     def _insert_batch(
         self, conn: Connection, readings: Sequence[Reading]
@@ -489,10 +514,7 @@ class Store:
         too (the one that did not win the insert is the conflict).
         """
         chosen = list(indices)
-        rows = [readings[i] for i in chosen]
-        # The same transposition as _insert: a named tuple's columns at C speed.
-        columns = zip(*rows, strict=True)
-        params = {name: list(col) for name, col in zip(Reading._fields, columns, strict=True)}
+        params = _columns([readings[i] for i in chosen])
         found: list[tuple[int, str]] = []
         for ord_, kind, ts, temperature_c, humidity_pct, time_uncertain in conn.exec_driver_sql(
             _FIND_CONFLICTS, params
@@ -575,6 +597,17 @@ class _StoredDays:
             f"ts={_format_ts(ts)} is past the partitions the database has (up to {shown}) "
             "even after maintain_partitions(): not stored"
         )
+
+
+def _columns(rows: Sequence[Reading], **extra: object) -> dict[str, Any]:
+    """The statements' parameters: one array per field (a named tuple's columns, transposed
+    at C speed), and ``extra``."""
+    columns = zip(*rows, strict=True)
+    params: dict[str, Any] = {
+        name: list(col) for name, col in zip(Reading._fields, columns, strict=True)
+    }
+    params.update(extra)
+    return params
 
 
 def _without(

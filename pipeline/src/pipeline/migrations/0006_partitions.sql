@@ -151,14 +151,25 @@ BEGIN
             'ALTER TABLE readings ATTACH PARTITION readings_legacy FOR VALUES FROM (MINVALUE) TO (%L)',
             cutoff);
         UPDATE data_retention SET legacy_to = cutoff WHERE level = 'raw';
+        -- Every (node, sensor) of the old table, by a skip scan of its key (not from sensors,
+        -- which tables older than 0002 did not fill), and each one's range from the same key.
         INSERT INTO node_seq_ranges (node, lo, hi, min_seq, max_seq)
-        SELECT s.node, '-infinity', cutoff, min(k.min_seq), max(k.max_seq)
-          FROM sensors AS s,
+        WITH RECURSIVE pairs AS (
+            (SELECT r.node, r.sensor FROM readings_legacy AS r
+              ORDER BY r.node, r.sensor LIMIT 1)
+            UNION ALL
+            SELECT n.node, n.sensor
+              FROM pairs AS p,
+                   LATERAL (SELECT r.node, r.sensor FROM readings_legacy AS r
+                             WHERE (r.node, r.sensor) > (p.node, p.sensor)
+                             ORDER BY r.node, r.sensor LIMIT 1) AS n
+        )
+        SELECT p.node, '-infinity', cutoff, min(k.min_seq), max(k.max_seq)
+          FROM pairs AS p,
                LATERAL (SELECT min(r.seq) AS min_seq, max(r.seq) AS max_seq
                           FROM readings_legacy AS r
-                         WHERE r.node = s.node AND r.sensor = s.sensor) AS k
-         WHERE k.min_seq IS NOT NULL
-         GROUP BY s.node;
+                         WHERE r.node = p.node AND r.sensor = p.sensor) AS k
+         GROUP BY p.node;
     ELSE
         DROP TABLE readings_legacy;
     END IF;
@@ -208,7 +219,11 @@ DECLARE
     s timestamptz;
     name text;
 BEGIN
+    -- One caller at a time; the others wait for it (a writer that needs a partition must
+    -- not give up while another consumer is making it), longer than the DDL's 2 s.
+    PERFORM set_config('lock_timeout', '30s', true);
     PERFORM pg_advisory_xact_lock(2122121001);
+    PERFORM set_config('lock_timeout', '2s', true);
     FOR pol IN SELECT * FROM data_retention ORDER BY keep_days NULLS LAST LOOP
         step := ('1 ' || pol.unit)::interval;
         -- Partitions for the whole retention window (readings a node kept while offline
@@ -234,7 +249,7 @@ BEGIN
                                        name || '_key', name);
                     END IF;
                     action := 'created';
-                EXCEPTION WHEN lock_not_available THEN
+                EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
                     action := 'busy, left for the next call';
                 END;
                 partition := name; lo := s; hi := s + step;
@@ -250,13 +265,18 @@ BEGIN
                 name := old.part::text;
                 BEGIN
                     EXECUTE format('DROP TABLE %s', old.part);
-                    UPDATE data_retention SET kept_from = greatest(kept_from, old.hi)
+                    -- Once the old table's partition is gone, new partitions are days
+                    -- again everywhere (the writers place each row's range by legacy_to).
+                    UPDATE data_retention
+                       SET kept_from = greatest(kept_from, old.hi),
+                           legacy_to = CASE WHEN old.lo = '-infinity' THEN NULL
+                                            ELSE legacy_to END
                      WHERE level = pol.level;
                     IF pol.level = 'raw' THEN
                         DELETE FROM node_seq_ranges AS k WHERE k.hi <= old.hi;
                     END IF;
                     action := 'dropped';
-                EXCEPTION WHEN lock_not_available THEN
+                EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
                     action := 'busy, left for the next call';
                 END;
                 partition := name; lo := old.lo; hi := old.hi;
@@ -353,15 +373,15 @@ WITH parts AS (
     UNION ALL
     SELECT node, sensor, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h, first_ts,
            last_ts
-      FROM readings_minute WHERE minute >= greatest($6, $3) AND minute < $4
+      FROM readings_minute WHERE minute >= $6 AND minute < $4
     UNION ALL
     SELECT node, sensor, kind, 1, temperature_c, temperature_c, temperature_c,
            (humidity_pct IS NOT NULL)::integer, humidity_pct, humidity_pct, humidity_pct, ts, ts
-      FROM readings WHERE $7 AND ts > $1 AND ts < least($3, $5) AND ts <= $2
+      FROM readings WHERE $7 AND ts > $1 AND ts < $3 AND ts <= $2
     UNION ALL
     SELECT node, sensor, kind, 1, temperature_c, temperature_c, temperature_c,
            (humidity_pct IS NOT NULL)::integer, humidity_pct, humidity_pct, humidity_pct, ts, ts
-      FROM readings WHERE $8 AND ts >= greatest($4, $6) AND ts > $1 AND ts <= $2
+      FROM readings WHERE $8 AND ts >= $4 AND ts > $1 AND ts <= $2
 )
 SELECT node, sensor, max(kind COLLATE "C"), sum(n), sum(sum_c) / sum(n), min(min_c),
        max(max_c), sum(sum_h) / nullif(sum(n_h), 0), min(min_h), max(max_h), min(first_ts),
