@@ -21,6 +21,16 @@
   waited ``mqtt.puback_timeout_s``, the agent counts the episode (kept in the outbox, shown by
   ``edge-agent status``), logs it once and ends the session; the reconnect loop's back-off,
   not reset by such a session, keeps it from hammering a full queue.
+* The agent knows one broker or several (``mqtt.hosts``: the nodes of a RabbitMQ cluster,
+  each taking MQTT connections). It starts on a random one of them, so that a site's Pis
+  spread over the nodes, and whenever a connection attempt fails, a CONNACK refuses it or a
+  session ends (a lost connection, withheld PUBACKs), it tries another, in an order of its
+  own. A broker that dies costs a short jittered wait, not the back-off's minute; the back-off
+  grows only when a whole round of brokers failed (see :class:`BrokerRotation`). Nothing is
+  lost in the move: the new session sends everything the outbox still holds, that is
+  everything not acknowledged, whichever broker it went to. TLS uses the same CA (and client
+  certificate) for every broker and checks each broker's certificate against the host name
+  or address the agent connects to.
 * The MQTT session is clean (``clean_session=True``): the broker keeps nothing for the agent
   between connections, because the outbox already keeps everything not yet acknowledged. The
   client id is ``<node>-<token>``, the token 128 random bits kept in the outbox
@@ -66,14 +76,24 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent import __version__
 from edge_agent.clock import ClockSource, KernelClock
-from edge_agent.config import AgentConfig, SensorConfig
+from edge_agent.config import AgentConfig, Broker, SensorConfig
 from edge_agent.errors import ConfigError, EdgeError, SensorError
 from edge_agent.led import StatusLed
 from edge_agent.outbox import CLIENT_TOKEN_BYTES, Outbox, OutboxCorrupt, OutboxError
 from edge_agent.sensors import Calibrated, Sample, Sensor
 from edge_agent.wire import reading_payload, reading_topic, status_payload, status_topic
 
-__all__ = ["SESSION_BYTES", "Agent", "Backoff", "build_sensor", "build_sensors", "mqtt_client_id"]
+__all__ = [
+    "CONNACK_WAIT_MIN_S",
+    "HEALTHY_S",
+    "SESSION_BYTES",
+    "Agent",
+    "Backoff",
+    "BrokerRotation",
+    "build_sensor",
+    "build_sensors",
+    "mqtt_client_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +101,10 @@ _NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOKEN = re.compile(rf"[0-9a-f]{{{2 * CLIENT_TOKEN_BYTES}}}")
 SESSION_BYTES = 8
 """Random bytes in a connection's session id: 64 bits, 16 lowercase hex digits on the wire."""
+HEALTHY_S = 60.0
+"""A session that ran well this long resets the back-off (and the round of failed brokers)."""
+CONNACK_WAIT_MIN_S = 10.0
+"""How long a connection waits for its CONNACK, at least (else ``mqtt.keepalive_s``)."""
 
 
 def mqtt_client_id(node: str, token: str) -> str:
@@ -178,8 +202,68 @@ class Backoff:
         self._next = min(self.cap, self._next * 2)
         return random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not cryptography
 
+    def short(self) -> float:
+        """A wait of the first step's size, jittered; the back-off does not grow."""
+        return random.uniform(self.initial / 2, self.initial)  # noqa: S311 - jitter
+
     def reset(self) -> None:
         self._next = self.initial
+
+
+class BrokerRotation:
+    """Which broker the agent tries next, and how long it waits before trying it.
+
+    The brokers are put in an order of this agent's own, shuffled once (by ``rng``, by default
+    the operating system's randomness), so that the Pis of a site, configured alike, start on
+    different nodes of the cluster. The agent connects to :attr:`current`; when an attempt
+    fails, the broker refuses the CONNACK or a session ends for any reason, :meth:`failed`
+    moves on to the next broker in that order and says how long to wait.
+
+    An operator expects a dead node to cost seconds, not the back-off's minute, and a cluster
+    that is down not to be hammered. So the wait is short (:meth:`Backoff.short`: half to all
+    of ``Backoff.initial``, jittered) while a round is incomplete, and the failure that
+    completes a round (one failure per broker, in a row) waits :meth:`Backoff.next`, which
+    doubles with each round up to its cap. A session that ran well for :data:`HEALTHY_S`
+    starts the count and the back-off over. With one broker every failure completes a round:
+    the agent paces its reconnects exactly as it does with a single ``mqtt.host``.
+    """
+
+    def __init__(
+        self, brokers: Sequence[Broker], backoff: Backoff, *, rng: random.Random | None = None
+    ) -> None:
+        """Raises ValueError: no brokers."""
+        if not brokers:
+            raise ValueError("at least one broker is needed")
+        order = list(brokers)
+        (rng or random.SystemRandom()).shuffle(order)
+        self.order: tuple[Broker, ...] = tuple(order)
+        self.backoff = backoff
+        self._index = 0
+        self._failures = 0  # in a row, since the start or the last healthy session
+
+    @property
+    def current(self) -> Broker:
+        """The broker of the session (or of the attempt) in progress, or of the next one."""
+        return self.order[self._index]
+
+    @property
+    def failures(self) -> int:
+        """Failed attempts and sessions in a row, since the start or the last healthy session."""
+        return self._failures
+
+    def failed(self, *, healthy: bool = False) -> float:
+        """The current broker failed: move on to the next one; return the wait before it.
+
+        ``healthy``: the session that just ended ran well for :data:`HEALTHY_S` first.
+        """
+        if healthy:
+            self.backoff.reset()
+            self._failures = 0
+        self._failures += 1
+        self._index = (self._index + 1) % len(self.order)
+        if self._failures % len(self.order) == 0:
+            return self.backoff.next()
+        return self.backoff.short()
 
 
 @dataclass
@@ -309,11 +393,13 @@ class Agent:
         led: StatusLed | None = None,
         client_factory: Callable[[], mqtt.Client] | None = None,
         backoff: Backoff | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         """Wire the agent; nothing connects or samples until :meth:`run` (or :meth:`step`).
 
-        ``client_factory`` makes the paho client of each session and ``backoff`` paces the
-        reconnects: tests hand in a fake broker's client and a short back-off.
+        ``client_factory`` makes the paho client of each session, ``backoff`` paces the
+        reconnects and ``rng`` shuffles the brokers (default: the operating system's
+        randomness): tests hand in a fake broker's client, a short back-off, a seeded order.
         """
         self.config = config
         self.node = config.node_id
@@ -349,6 +435,8 @@ class Agent:
         self._tokens = 0.0
         self._last_refill = time.monotonic()
         self._backoff = backoff or Backoff()
+        self.brokers = BrokerRotation(config.mqtt.brokers, self._backoff, rng=rng)
+        self._awaiting_connack = False  # connect() went through; no CONNACK yet
         self._next_attempt = 0.0
         self._connected_since = 0.0
         self._last_heartbeat = 0.0
@@ -367,6 +455,11 @@ class Agent:
         self._corrupt_seen = threading.Event()
 
     # -- MQTT client ---------------------------------------------------------------------------
+    @property
+    def broker(self) -> Broker:
+        """The broker the agent is connected to, or is trying, or tries next."""
+        return self.brokers.current
+
     def _client_id(self) -> str:
         """``<node>-<token>`` with the outbox's token; a token for this run if it cannot be kept.
 
@@ -415,16 +508,22 @@ class Agent:
         self, client: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
     ) -> None:
         if reason.is_failure:
+            broker = self.broker
+            delay = self._lost(f"refused: {reason}", quiet=True)
             log.error(
-                "broker refused the connection host=%s reason=%s: check the node's user and "
-                "password on the gateway (users.sh node %s)",
-                self.config.mqtt.host,
+                "broker refused the connection host=%s port=%d reason=%s: check the node's "
+                "user and password on the gateway (users.sh node %s) next=%s retry_in_s=%.1f",
+                broker.host,
+                broker.port,
                 reason,
                 self.node,
+                self.broker,
+                delay,
             )
-            client.disconnect()
+            self._close_client(client)
             return
         self.connected = True
+        self._awaiting_connack = False
         self._connected_since = time.monotonic()
         self._cursor = 0  # resend everything not yet acknowledged
         self._inflight.clear()
@@ -432,8 +531,8 @@ class Agent:
         self._sent_at.clear()
         log.info(
             "connected host=%s port=%d session=%s outbox_depth=%d",
-            self.config.mqtt.host,
-            self.config.mqtt.port,
+            self.broker.host,
+            self.broker.port,
             self.session,
             self.outbox.depth(),
         )
@@ -453,24 +552,34 @@ class Agent:
 
         The paho client is retired with the session: the next connection gets a new one, so
         the publishes paho still holds for the old connection are not sent a second time next
-        to the outbox's copies. The back-off resets only after a session that ran well for a
-        minute until ``healthy_until`` (default: now); a session that stalled on withheld
-        PUBACKs was not healthy from the moment its oldest unacknowledged publish was sent.
+        to the outbox's copies. The next connection goes to another broker, when there are
+        several (:class:`BrokerRotation`). The back-off resets only after a session that ran
+        well for :data:`HEALTHY_S` until ``healthy_until`` (default: now); a session that
+        stalled on withheld PUBACKs was not healthy from the moment its oldest unacknowledged
+        publish was sent.
         """
         was = self.connected
+        broker = self.broker
         now = time.monotonic()
         self.connected = False
+        self._awaiting_connack = False
         self._client = None
         self._inflight.clear()
         self._inflight_seqs.clear()
         self._sent_at.clear()
         healthy_for = (now if healthy_until is None else healthy_until) - self._connected_since
-        if was and healthy_for > 60:
-            self._backoff.reset()
-        delay = self._backoff.next()
+        delay = self.brokers.failed(healthy=was and healthy_for > HEALTHY_S)
         self._next_attempt = now + delay
-        if was and not quiet:
-            log.warning("disconnected reason=%s retry_in_s=%.1f", reason, delay)
+        if not quiet:
+            log.warning(
+                "%s host=%s port=%d reason=%s next=%s retry_in_s=%.1f",
+                "disconnected" if was else "connection closed before the CONNACK",
+                broker.host,
+                broker.port,
+                reason,
+                self.broker,
+                delay,
+            )
         return delay
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _reason: ReasonCode, _p: Any) -> None:
@@ -505,19 +614,24 @@ class Agent:
         except OutboxError:  # a full disk: housekeeping tries again
             pass
         client = self._client
+        broker = self.broker
         delay = self._lost("puback timeout", healthy_until=oldest, quiet=True)
         log.warning(
-            "broker withholding acknowledgements: no PUBACK for %.0f s (mqtt.puback_timeout_s"
-            "=%g) unacknowledged=%d readings=%d oldest_seq=%s puback_timeouts=%d: likely a "
-            "full queue (overflow reject-publish) or a broker alarm (memory or disk), check "
-            "the queue's length and `rabbitmq-diagnostics alarms` on the gateway; the readings "
-            "stay in the outbox and are sent again after reconnecting retry_in_s=%.1f",
+            "broker withholding acknowledgements host=%s port=%d: no PUBACK for %.0f s "
+            "(mqtt.puback_timeout_s=%g) unacknowledged=%d readings=%d oldest_seq=%s "
+            "puback_timeouts=%d: likely a full queue (overflow reject-publish) or a broker "
+            "alarm (memory or disk), check the queue's length and `rabbitmq-diagnostics "
+            "alarms` on the gateway; the readings stay in the outbox and are sent again after "
+            "reconnecting next=%s retry_in_s=%.1f",
+            broker.host,
+            broker.port,
             waited,
             self.config.mqtt.puback_timeout_s,
             outstanding,
             readings,
             oldest_seq,
             self.puback_timeouts,
+            self.broker,
             delay,
         )
         if client is not None:
@@ -548,6 +662,22 @@ class Agent:
             self._puback_timeouts_unsaved.pop(0)
 
     def _try_connect(self) -> None:
+        m = self.config.mqtt
+        if self._client is not None and self._awaiting_connack:
+            # The connection went through but no CONNACK came (a broker that accepts TCP and
+            # then hangs): give up on this broker as on a failed attempt.
+            client, broker = self._client, self.broker
+            delay = self._lost("no CONNACK", quiet=True)
+            log.warning(
+                "no CONNACK from the broker within %g s host=%s port=%d next=%s retry_in_s=%.1f",
+                max(m.keepalive_s, CONNACK_WAIT_MIN_S),
+                broker.host,
+                broker.port,
+                self.broker,
+                delay,
+            )
+            self._close_client(client)
+            return
         if self._client is None:
             # A new client for each session (see _lost), with a new session id; whatever the
             # factory, the agent's own callbacks drive it and its Last Will speaks for it.
@@ -563,22 +693,25 @@ class Agent:
                 retain=True,
             )
             self._client = client
-        m = self.config.mqtt
+        broker = self.broker
         try:
-            self._client.connect(m.host, m.port, keepalive=m.keepalive_s)
+            self._client.connect(broker.host, broker.port, keepalive=m.keepalive_s)
         except (OSError, ssl.SSLError) as exc:
-            delay = self._backoff.next()
+            # The same client (and session id) tries the next broker: nothing was sent yet.
+            delay = self.brokers.failed()
             self._next_attempt = time.monotonic() + delay
             log.warning(
-                "broker unreachable host=%s port=%d retry_in_s=%.1f error=%s",
-                m.host,
-                m.port,
+                "broker unreachable host=%s port=%d next=%s retry_in_s=%.1f error=%s",
+                broker.host,
+                broker.port,
+                self.broker,
                 delay,
                 exc,
             )
             return
         # The CONNACK arrives through the loop; until then do not try again.
-        self._next_attempt = time.monotonic() + max(m.keepalive_s, 10)
+        self._awaiting_connack = True
+        self._next_attempt = time.monotonic() + max(m.keepalive_s, CONNACK_WAIT_MIN_S)
 
     # -- the loop ------------------------------------------------------------------------------
     def start_sampling(self) -> None:

@@ -5,14 +5,18 @@ module sees raw configuration. A secret (the MQTT password) is the exception: an
 its key and the type it must have, never its value, and ``repr()`` of the configuration leaves
 it out, so it cannot reach a log line or a traceback. Environment variables override file values:
 
-    EDGE_NODE_ID, EDGE_MQTT_HOST, EDGE_MQTT_PORT, EDGE_MQTT_USERNAME, EDGE_MQTT_PASSWORD,
-    EDGE_MQTT_PASSWORD_FILE, EDGE_MQTT_TLS_CA_FILE, EDGE_MQTT_TLS_CERT_FILE,
+    EDGE_NODE_ID, EDGE_MQTT_HOST, EDGE_MQTT_HOSTS, EDGE_MQTT_PORT, EDGE_MQTT_USERNAME,
+    EDGE_MQTT_PASSWORD, EDGE_MQTT_PASSWORD_FILE, EDGE_MQTT_TLS_CA_FILE, EDGE_MQTT_TLS_CERT_FILE,
     EDGE_MQTT_TLS_KEY_FILE, EDGE_OUTBOX_PATH, EDGE_OUTBOX_DRAIN_RATE_PER_S,
     EDGE_AGENT_HEARTBEAT_S, EDGE_AGENT_LED_PIN, EDGE_CLOCK_REQUIRE_SYNC
+
+``EDGE_MQTT_HOSTS`` is a comma-separated list (``gw-1,gw-2:1884,[2001:db8::3]``); blank, it
+counts as not set.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -26,7 +30,9 @@ from edge_agent.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "MAX_BROKERS",
     "AgentConfig",
+    "Broker",
     "ClockConfig",
     "MqttConfig",
     "OutboxConfig",
@@ -40,6 +46,22 @@ DEFAULT_OUTBOX_PATH = Path("/var/lib/edge-agent/outbox.sqlite")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _W1_ID = re.compile(r"28-[0-9a-f]{12}")
 KINDS = ("ds18b20", "dht22", "cpu", "simulated")
+MAX_BROKERS = 16
+"""The most entries ``mqtt.hosts`` may have."""
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+@dataclass(frozen=True)
+class Broker:
+    """One MQTT broker the agent may connect to: a host name or IP address, and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        """``host:port``, an IPv6 address in brackets (``[2001:db8::1]:1883``)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,10 +83,17 @@ class MqttConfig:
     and reconnects with back-off, sending everything unacknowledged again from the outbox. Too
     short a value on a slow link only costs reconnects and duplicates, which the pipeline
     ignores.
+
+    ``brokers`` are the brokers the agent may use (``mqtt.hosts``, or the one ``mqtt.host``):
+    the nodes of a RabbitMQ cluster, each reachable on its own. The agent starts on a random
+    one and moves to another when a connection fails or a session ends (see
+    :class:`edge_agent.agent.BrokerRotation`). ``host`` and ``port`` are the first of them,
+    for code that knows one broker; given without ``brokers``, they make the one-broker list.
     """
 
     host: str = "localhost"
     port: int = 1883
+    brokers: tuple[Broker, ...] = ()
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     keepalive_s: int = 60
@@ -73,6 +102,13 @@ class MqttConfig:
     key_file: Path | None = None
     max_inflight: int = 100
     puback_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.brokers:
+            object.__setattr__(self, "brokers", (Broker(self.host, self.port),))
+        else:
+            object.__setattr__(self, "host", self.brokers[0].host)
+            object.__setattr__(self, "port", self.brokers[0].port)
 
     @property
     def tls(self) -> bool:
@@ -152,6 +188,10 @@ class _Section:
     def _get(self, key: str) -> object:
         self.used.add(key)
         return self.data.get(key)
+
+    def raw(self, key: str) -> object:
+        """The value as it is, of whatever type: for a caller that checks it itself."""
+        return self._get(key)
 
     def text(self, key: str, default: str | None = None, *, secret: bool = False) -> str | None:
         """A string value; with ``secret``, an error names the key and the type, not the value.
@@ -239,6 +279,7 @@ def default_node_id() -> str:
 _ENV: Mapping[str, tuple[str, str]] = {
     "EDGE_NODE_ID": ("node", "id"),
     "EDGE_MQTT_HOST": ("mqtt", "host"),
+    "EDGE_MQTT_HOSTS": ("mqtt", "hosts"),
     "EDGE_MQTT_PORT": ("mqtt", "port"),
     "EDGE_MQTT_USERNAME": ("mqtt", "username"),
     "EDGE_MQTT_PASSWORD": ("mqtt", "password"),
@@ -254,13 +295,17 @@ _ENV: Mapping[str, tuple[str, str]] = {
 }
 
 
-def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Put the environment's values into ``raw``; return {"section.key": variable} of them."""
+    origins: dict[str, str] = {}
     for var, (section, key) in _ENV.items():
         if var in env:
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"[{section}] must be a table")
             table[key] = env[var]
+            origins[f"{section}.{key}"] = var
+    return origins
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -296,21 +341,27 @@ def load_config(
             f"configuration file {file} not found: create it (see the README) "
             "or run `edge-agent run --simulate` to try the agent without hardware"
         )
-    _apply_env(raw, env)
-    return _parse(raw, simulate=simulate, from_file=file.exists())
+    origins = _apply_env(raw, env)
+    return _parse(raw, simulate=simulate, from_file=file.exists(), origins=origins)
 
 
 def simulate_config(env: Mapping[str, str] | None = None) -> AgentConfig:
     return load_config(None, env, simulate=True)
 
 
-def _parse(raw: dict[str, Any], *, simulate: bool, from_file: bool) -> AgentConfig:
+def _parse(
+    raw: dict[str, Any],
+    *,
+    simulate: bool,
+    from_file: bool,
+    origins: Mapping[str, str] | None = None,
+) -> AgentConfig:
     top = _Section("", raw)
     node = _Section("node", raw.get("node", {}))
     node_id = _check_id("node.id", node.text("id") or default_node_id())
     node.finish()
 
-    mqtt = _parse_mqtt(_Section("mqtt", raw.get("mqtt", {})), node_id)
+    mqtt = _parse_mqtt(_Section("mqtt", raw.get("mqtt", {})), node_id, origins or {})
     outbox = _parse_outbox(_Section("outbox", raw.get("outbox", {})), simulate and not from_file)
     clock_t = _Section("clock", raw.get("clock", {}))
     clock = ClockConfig(
@@ -353,7 +404,7 @@ def _parse(raw: dict[str, Any], *, simulate: bool, from_file: bool) -> AgentConf
     )
 
 
-def _parse_mqtt(t: _Section, node_id: str) -> MqttConfig:
+def _parse_mqtt(t: _Section, node_id: str, origins: Mapping[str, str]) -> MqttConfig:
     password = t.text("password", secret=True)
     password_file = t.path("password_file")
     if password_file is not None:
@@ -372,9 +423,9 @@ def _parse_mqtt(t: _Section, node_id: str) -> MqttConfig:
     if cert is not None and ca is None:
         raise ConfigError("mqtt.cert_file needs mqtt.ca_file (TLS) as well")
     port_default = 8883 if ca is not None else 1883
+    port = t.integer("port", port_default, 1, 65535) or port_default
     config = MqttConfig(
-        host=t.text("host", "localhost") or "localhost",
-        port=t.integer("port", port_default, 1, 65535) or port_default,
+        brokers=_parse_brokers(t, port, origins),
         username=t.text("username", node_id),
         password=password,
         keepalive_s=t.integer("keepalive_s", 60, 5, 3600) or 60,
@@ -386,6 +437,142 @@ def _parse_mqtt(t: _Section, node_id: str) -> MqttConfig:
     )
     t.finish()
     return config
+
+
+# --- brokers ----------------------------------------------------------------------------------
+
+
+def _where(key: str, origins: Mapping[str, str]) -> str:
+    """``mqtt.hosts``, or ``mqtt.hosts (EDGE_MQTT_HOSTS)`` when the value came from there."""
+    return f"{key} ({origins[key]})" if key in origins else key
+
+
+def _is_hostname(text: str) -> bool:
+    """A DNS name (``gw-1``, ``gw-1.site.lan.``) or an IPv4 address: 1-63 character labels of
+    letters, digits, ``_`` and ``-`` (not first or last), 253 characters in all."""
+    name = text.removesuffix(".")
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_brokers(t: _Section, port: int, origins: Mapping[str, str]) -> tuple[Broker, ...]:
+    """``mqtt.hosts`` (a list, or a comma-separated string from the environment) or ``mqtt.host``.
+
+    A blank ``host`` or ``hosts`` string counts as not set (an empty ``EDGE_MQTT_HOSTS=`` in an
+    environment file); neither set means ``localhost``.
+
+    Raises:
+        ConfigError: both keys are set, or an entry is not a string, is empty, is not a host
+            name or address, has a bad port, or names a broker a second time, or there are
+            more than :data:`MAX_BROKERS`; the message names the key and the value.
+    """
+    host = t.text("host")
+    hosts = t.raw("hosts")  # a list, or a string from the environment: checked here
+    if isinstance(hosts, str):
+        hosts = [part.strip() for part in hosts.split(",")] if hosts.strip() else None
+    host_key, hosts_key = _where("mqtt.host", origins), _where("mqtt.hosts", origins)
+    if hosts is None:
+        if not host or not host.strip():
+            return (Broker("localhost", port),)
+        return (Broker(_single_host(host_key, host.strip()), port),)
+    if host and host.strip():
+        raise ConfigError(
+            f"{host_key} = {host!r} and {hosts_key} = {hosts!r} are both set: list every "
+            "broker in mqtt.hosts and remove mqtt.host"
+        )
+    if not isinstance(hosts, list):
+        raise ConfigError(
+            f'{hosts_key} = {hosts!r} must be a list of "host" or "host:port" strings, '
+            'e.g. ["gw-1", "gw-2:1884"]'
+        )
+    if not hosts:
+        raise ConfigError(f"{hosts_key} = [] is empty: list at least one broker, or leave it out")
+    if len(hosts) > MAX_BROKERS:
+        raise ConfigError(
+            f"{hosts_key} has {len(hosts)} entries: at most {MAX_BROKERS} brokers (got {hosts!r})"
+        )
+    brokers: list[Broker] = []
+    seen: dict[tuple[str, int], str] = {}
+    for index, entry in enumerate(hosts):
+        key = hosts_key.replace("mqtt.hosts", f"mqtt.hosts[{index}]", 1)
+        broker = _broker_entry(key, entry, port)
+        same = (_normal_host(broker.host), broker.port)
+        if same in seen:
+            raise ConfigError(
+                f"{key} = {entry!r} names the same broker as {seen[same]!r} "
+                f"({broker}): list each broker once"
+            )
+        seen[same] = str(entry)
+        brokers.append(broker)
+    return tuple(brokers)
+
+
+def _single_host(key: str, host: str) -> str:
+    """``mqtt.host``: a host name or address, without a port (that is ``mqtt.port``)."""
+    if _is_hostname(host) or _is_ipv6(host):
+        return host
+    if host.startswith("[") and host.endswith("]") and _is_ipv6(host[1:-1]):
+        return host[1:-1]
+    raise ConfigError(
+        f"{key} = {host!r} is not a host name or IP address: give the port in mqtt.port, "
+        'or several brokers as mqtt.hosts = ["gw-1", "gw-2:1884"]'
+    )
+
+
+def _broker_entry(key: str, entry: object, default_port: int) -> Broker:
+    """One ``mqtt.hosts`` entry: ``host``, ``host:port``, ``[ipv6]`` or ``[ipv6]:port``."""
+    if not isinstance(entry, str):
+        raise ConfigError(f'{key} = {entry!r} must be a string: "host" or "host:port"')
+    text = entry.strip()
+    if not text:
+        raise ConfigError(f"{key} = {entry!r} is empty: give a host name or address")
+    if "/" in text or any(c.isspace() for c in text):
+        raise ConfigError(
+            f"{key} = {entry!r} is not a host name or address with an optional port: no "
+            "scheme (mqtt://), path or spaces; write gw-1 or gw-1:1883"
+        )
+    port_text: str | None = None
+    if text.startswith("["):
+        match = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", text)
+        if match is None or not _is_ipv6(match.group(1)):
+            raise ConfigError(
+                f"{key} = {entry!r} is not an IPv6 address in brackets: "
+                "write [2001:db8::1] or [2001:db8::1]:1883"
+            )
+        host, port_text = match.group(1), match.group(2)
+    elif text.count(":") > 1:
+        raise ConfigError(
+            f"{key} = {entry!r}: an IPv6 address goes in brackets, with or without a port: "
+            "[2001:db8::1] or [2001:db8::1]:1883"
+        )
+    else:
+        host, colon, rest = text.partition(":")
+        port_text = rest if colon else None
+        if not _is_hostname(host):
+            raise ConfigError(
+                f'{key} = {entry!r} is not "host" or "host:port": {host!r} is not a host '
+                "name or IP address"
+            )
+    if port_text is None:
+        return Broker(host, default_port)
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key} = {entry!r}: the port {port_text!r} must be 1..65535")
+    return Broker(host, int(port_text))
+
+
+def _normal_host(host: str) -> str:
+    """The form two spellings of one host share: ``GW-1.`` and ``gw-1``, ``::1`` and ``0::1``."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host.lower().removesuffix(".")
 
 
 def _parse_outbox(t: _Section, user_state: bool) -> OutboxConfig:
