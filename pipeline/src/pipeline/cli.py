@@ -192,21 +192,21 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _amqp_settings() -> tuple[str, bytes | None]:
-    """The AMQP URL and the dead-letter signing key, from the environment `consume` reads."""
+def _amqp_settings() -> tuple[tuple[str, ...], bytes | None]:
+    """The AMQP URLs and the dead-letter signing key, from the environment `consume` reads."""
     from pipeline.config import ConsumerSettings  # noqa: PLC0415
 
     env = dict(os.environ)
     env.setdefault("DATABASE_URL", "postgresql://unused")
     settings = ConsumerSettings.from_env(env)
-    return settings.rabbitmq_url, settings.dead_letter_key
+    return settings.rabbitmq_urls, settings.dead_letter_key
 
 
 def _cmd_dead_list(args: argparse.Namespace) -> int:
     from pipeline.deadletters import list_dead  # noqa: PLC0415
 
-    url, key = _amqp_settings()
-    dead = list_dead(url, args.queue, args.limit, key=key)
+    urls, key = _amqp_settings()
+    dead = list_dead(urls, args.queue, args.limit, key=key)
     if args.json:
         print(json.dumps([d.as_dict() for d in dead], indent=2))
         return 0
@@ -228,8 +228,8 @@ def _cmd_dead_list(args: argparse.Namespace) -> int:
 def _cmd_dead_replay(args: argparse.Namespace) -> int:
     from pipeline.deadletters import replay_dead  # noqa: PLC0415
 
-    url, key = _amqp_settings()
-    result = replay_dead(url, args.queue, args.limit, key=key, dry_run=args.dry_run)
+    urls, key = _amqp_settings()
+    result = replay_dead(urls, args.queue, args.limit, key=key, dry_run=args.dry_run)
     if args.dry_run:
         stay = (
             f", {result.unverified} would stay: their origin cannot be proved"

@@ -17,7 +17,9 @@ Two threads share the work so that the database round trip overlaps the broker's
 
 A crash anywhere before the acknowledgement means redelivery, and the natural key makes the
 second insert a no-op. The reconnect loop (:func:`consume_forever`) is separate from the
-session (:class:`Session`), which owns one connection and ends when it drops.
+session (:class:`Session`), which owns one connection and ends when it drops. With the nodes
+of a cluster in RABBITMQ_URL, a session lost on one node is followed at once by a session on
+another (pipeline.brokers); what the lost session had not acknowledged is redelivered there.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pika.spec import Basic, BasicProperties
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from pipeline import __version__
+from pipeline.brokers import connect
 from pipeline.config import ConsumerSettings, redact
 from pipeline.decode import NodeStatus, Reading, decode_reading, decode_status
 from pipeline.errors import PipelineError, Rejected
@@ -63,7 +66,15 @@ from pipeline.origin import (
 )
 from pipeline.store import BatchResult, Store
 
-__all__ = ["Backoff", "Batch", "Session", "SessionBrokenError", "Writer", "consume_forever"]
+__all__ = [
+    "Backoff",
+    "Batch",
+    "Reconnects",
+    "Session",
+    "SessionBrokenError",
+    "Writer",
+    "consume_forever",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +115,46 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.initial
+
+
+class Reconnects:
+    """When to connect again after a session ended, and which node to try last then.
+
+    A session that was consuming and is lost is followed at once by the next attempt, which
+    tries the lost node last (pipeline.brokers.connect): a consumer whose node died consumes
+    from a survivor within seconds. That happens at most once per listed node between two
+    sessions that lasted :attr:`HEALTHY_S`; otherwise (a whole round of nodes refused, a
+    session ended before it consumed, sessions keep being lost) the capped, jittered back-off
+    applies, so nothing reconnects in a tight loop.
+    """
+
+    HEALTHY_S: Final = 60.0
+
+    def __init__(self, nodes: int, backoff: Backoff | None = None) -> None:
+        self._nodes = nodes
+        self._backoff = backoff or Backoff()
+        self.attempt = 0  # back-off waits since the last healthy session
+        self.failovers = 0  # immediate reconnects since the last healthy session
+        self.lost: str | None = None  # the node the last session was on: tried last
+
+    def ended(self, *, node: str | None, consuming: bool, lasted_s: float) -> float | None:
+        """A session ended: None to connect again at once, else the seconds to wait first.
+
+        Args:
+            node: the URL the session connected to (None: no node accepted).
+            consuming: whether the session got as far as consuming.
+            lasted_s: how long the session (its connection attempts included) took.
+        """
+        if lasted_s > self.HEALTHY_S:
+            self._backoff.reset()
+            self.attempt = self.failovers = 0
+        if node is not None:
+            self.lost = node
+        if consuming and self.failovers < self._nodes:
+            self.failovers += 1
+            return None
+        self.attempt += 1
+        return self._backoff.next()
 
 
 class Delivery(NamedTuple):
@@ -437,7 +488,9 @@ class _DeadLetterPublisher:
 class Session:
     """One AMQP connection consuming the readings and node-status queues.
 
-    Ends (returns or raises) when the connection drops or a stop is requested.
+    Ends (returns or raises) when the connection drops or a stop is requested. It connects to
+    one of ``settings.rabbitmq_urls`` (pipeline.brokers.connect), ``lost`` last; ``node`` is
+    the URL it connected to, ``consuming`` says whether it got as far as consuming.
     """
 
     def __init__(
@@ -446,8 +499,13 @@ class Session:
         writer: Writer,
         metrics: Metrics,
         stop: threading.Event,
+        *,
+        lost: str | None = None,
     ) -> None:
         self._settings = settings
+        self._lost = lost
+        self.node: str | None = None
+        self.consuming = False
         self._writer = writer
         self._metrics = metrics
         self._stop = stop
@@ -470,10 +528,12 @@ class Session:
     # -- the session -----------------------------------------------------------------------
     def run(self) -> None:
         """Consume until a stop is requested; raise an AMQP error if the connection drops."""
-        params = pika.URLParameters(self._settings.rabbitmq_url)
-        params.heartbeat = 30
-        params.blocked_connection_timeout = 300
-        self._connection = pika.BlockingConnection(params)
+        self._connection, self.node = connect(
+            self._settings.rabbitmq_urls,
+            lost=self._lost,
+            heartbeat=30,
+            blocked_connection_timeout=300,
+        )
         _skip_callback_lookup_for_deliveries(self._connection)
         try:
             self._channel = self._connection.channel()
@@ -484,13 +544,15 @@ class Session:
             self._channel.basic_consume(s.readings_queue, self._on_reading)
             self._channel.basic_consume(s.status_queue, self._on_status)
             BROKER_UP.set(1)
+            self.consuming = True
             log.info(
-                "consuming queues=%s,%s prefetch=%d batch_size=%d batch_ms=%d",
+                "consuming queues=%s,%s prefetch=%d batch_size=%d batch_ms=%d node=%s",
                 s.readings_queue,
                 s.status_queue,
                 s.prefetch,
                 s.batch_size,
                 s.batch_ms,
+                redact(self.node),
             )
             self._loop()
             self._shutdown()
@@ -820,6 +882,10 @@ def consume_forever(
 ) -> None:
     """Run sessions until ``stop`` is set, reconnecting with capped, jittered back-off.
 
+    A session that was consuming and is lost is followed at once by a new connection attempt
+    that tries the other nodes first; the back-off applies only when that does not help
+    (:class:`Reconnects`).
+
     Returns after an orderly shutdown: the last batch committed and acknowledged (or, if the
     database stayed down, left unacknowledged for redelivery).
     """
@@ -837,29 +903,36 @@ def consume_forever(
     )
     writer = Writer(store, metrics, stall_after_s=stall_after_s, workers=settings.db_writers)
     writer.start()
-    backoff = Backoff()
-    attempt = 0
+    reconnects = Reconnects(len(settings.rabbitmq_urls))
     try:
         while not stop.is_set():
             started = time.monotonic()
-            session = Session(settings, writer, metrics, stop)
+            session = Session(settings, writer, metrics, stop, lost=reconnects.lost)
             if on_session is not None:
                 on_session(session)
             try:
                 session.run()
-                attempt = 0
             except _SESSION_ENDED as exc:
-                attempt += 1
-                if time.monotonic() - started > 60:
-                    backoff.reset()
-                    attempt = 1
-                delay = backoff.next()
+                lasted = time.monotonic() - started
+                error = _first_line(exc) or type(exc).__name__
+                delay = reconnects.ended(
+                    node=session.node, consuming=session.consuming, lasted_s=lasted
+                )
+                if delay is None:
+                    log.warning(
+                        "broker connection lost node=%s after_s=%.1f error=%s; reconnecting now%s",
+                        redact(session.node or ""),
+                        lasted,
+                        error,
+                        ", other nodes first" if len(settings.rabbitmq_urls) > 1 else "",
+                    )
+                    continue
                 log.warning(
-                    "broker connection lost or refused attempt=%d retry_in_s=%.1f url=%s error=%s",
-                    attempt,
+                    "broker connection lost or refused attempt=%d retry_in_s=%.1f node=%s error=%s",
+                    reconnects.attempt,
                     delay,
-                    redact(settings.rabbitmq_url),
-                    _first_line(exc) or type(exc).__name__,
+                    redact(session.node) if session.node else _nodes(settings.rabbitmq_urls),
+                    error,
                 )
                 stop.wait(delay)
     finally:
@@ -867,3 +940,8 @@ def consume_forever(
         writer.join(30)
         if not writer.is_alive():
             store.close()  # the writer's held connection back to the pool
+
+
+def _nodes(urls: tuple[str, ...]) -> str:
+    """The nodes of a failed round, for a log line: the URL, or how many there are."""
+    return redact(urls[0]) if len(urls) == 1 else f"none-of-{len(urls)}"

@@ -17,7 +17,7 @@ another node's id.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -26,6 +26,7 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import BasicProperties
 
+from pipeline.brokers import connect
 from pipeline.decode import decode_reading, decode_status
 from pipeline.errors import ConfigError, Rejected
 from pipeline.origin import (
@@ -172,8 +173,9 @@ def describe(
     )
 
 
-def _connect(url: str) -> pika.BlockingConnection:
-    return pika.BlockingConnection(pika.URLParameters(url))
+def _connect(urls: str | Sequence[str]) -> pika.BlockingConnection:
+    """A connection to one of the nodes (pipeline.brokers.connect: any node of a cluster)."""
+    return connect(urls)[0]
 
 
 def _broker(conn: pika.BlockingConnection) -> BrokerInfo:
@@ -195,16 +197,18 @@ def _browse(channel: BlockingChannel, queue: str, limit: int) -> Iterator[tuple[
         yield method, props, body if isinstance(body, bytes) else b""
 
 
-def list_dead(url: str, queue: str, limit: int = 50, *, key: bytes | None) -> list[DeadLetter]:
+def list_dead(
+    urls: str | Sequence[str], queue: str, limit: int = 50, *, key: bytes | None
+) -> list[DeadLetter]:
     """Up to ``limit`` dead letters of ``queue``, left in the queue.
 
     Args:
-        url: the AMQP URL (the pipeline's account).
+        urls: the AMQP URL (the pipeline's account), or the URLs of a cluster's nodes.
         queue: the dead-letter queue.
         limit: at most this many are looked at.
         key: the pipeline's signing key, to check signatures (None: none verifies).
     """
-    with contextlib.closing(_connect(url)) as conn:
+    with contextlib.closing(_connect(urls)) as conn:
         broker = _broker(conn)
         channel = conn.channel()
         # Unacknowledged gets go back to the queue when the channel closes.
@@ -223,9 +227,16 @@ class ReplayResult:
 
 
 def replay_dead(
-    url: str, queue: str, limit: int, *, key: bytes | None, dry_run: bool = False
+    urls: str | Sequence[str],
+    queue: str,
+    limit: int,
+    *,
+    key: bytes | None,
+    dry_run: bool = False,
 ) -> ReplayResult:
     """Put up to ``limit`` dead letters back into the queue ``queue`` belongs to.
+
+    ``urls`` is the AMQP URL, or the URLs of a cluster's nodes (one of them is used).
 
     Takes at most as many messages as the queue held when it started, so a message that dies
     again is not replayed twice in one run. Only dead letters whose origin is proved are put
@@ -243,7 +254,7 @@ def replay_dead(
             "or in RABBITMQ_URL) or PIPELINE_DEAD_LETTER_KEY, as `pipeline consume` has them"
         )
     result = ReplayResult()
-    with contextlib.closing(_connect(url)) as conn:
+    with contextlib.closing(_connect(urls)) as conn:
         broker = _broker(conn)
         channel = conn.channel()
         depth = int(channel.queue_declare(queue, passive=True).method.message_count or 0)
