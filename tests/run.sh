@@ -19,7 +19,7 @@ say "mypy"
 # pytest exits 5 when it collected nothing: that is a failure too.
 say "pytest"
 set +e
-"$VENV/bin/python" -m pytest "$@"
+"$VENV/bin/python" -m pytest --durations=25 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

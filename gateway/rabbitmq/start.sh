@@ -10,6 +10,19 @@ set -eu
 
 ready=/tmp/gateway-users-applied
 rm -f "$ready"
+
+# A cluster node (gateway/compose.cluster.yml): every node of a cluster must hold the same
+# Erlang cookie, the shared secret the nodes and rabbitmqctl authenticate each other with.
+# It is written, readable by this user only, where the node and rabbitmqctl read it.
+if [ -n "${RABBITMQ_CLUSTER_COOKIE:-}" ]; then
+    cookie="${HOME:-/var/lib/rabbitmq}/.erlang.cookie"
+    if [ "${#RABBITMQ_CLUSTER_COOKIE}" -lt 20 ]; then
+        echo "start.sh: RABBITMQ_CLUSTER_COOKIE has ${#RABBITMQ_CLUSTER_COOKIE} characters: use at least 20" >&2
+        exit 1
+    fi
+    (umask 077 && rm -f "$cookie" && printf '%s' "$RABBITMQ_CLUSTER_COOKIE" > "$cookie")
+    chmod 400 "$cookie"
+fi
 # Seconds to wait for the node to boot (first boot of an empty volume takes longest).
 boot_timeout=${GATEWAY_BOOT_TIMEOUT_S:-300}
 
@@ -38,6 +51,10 @@ until rabbitmqctl -q await_startup --timeout "$boot_timeout" >/dev/null 2>&1; do
 done
 
 sh /etc/rabbitmq/gateway/users.sh apply
+# A cluster node makes itself a member of every quorum queue (gateway/rabbitmq/cluster.sh).
+if [ -n "${RABBITMQ_CLUSTER_COOKIE:-}" ]; then
+    sh /etc/rabbitmq/gateway/cluster.sh replicas
+fi
 # docker compose --profile demo: three simulated agents, each with its own user.
 if [ -n "${DEMO_NODE_PASSWORD:-}" ]; then
     printf '%s' "$DEMO_NODE_PASSWORD" | sh /etc/rabbitmq/gateway/users.sh node demo-1 demo-2 demo-3

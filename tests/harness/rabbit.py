@@ -51,14 +51,7 @@ class RabbitBroker:
         # With TLS on, the node loads gateway/rabbitmq/tls.conf too: MQTT over TLS only, as
         # docker compose with gateway/compose.tls.yml runs it (plain MQTT closed).
         self.tls = tls
-        self.amqp_port = free_port()
-        self.mqtt_port = free_port()
-        self.management_port = free_port()
-        self.prometheus_port = free_port()
-        self.mqtt_tls_port = free_port()
-        self.dist_port = free_port()
-        self.epmd_port = free_port()
-        self.nodename = f"tempmon-test-{os.getpid()}-{self.amqp_port}@localhost"
+        self._assign_addresses()
         self.admin = NodeCredentials("admin", secrets.token_urlsafe(12))
         self.pipeline = NodeCredentials("pipeline", secrets.token_urlsafe(12))
         self._server: subprocess.Popen[bytes] | None = None
@@ -69,6 +62,19 @@ class RabbitBroker:
         self._write_config()
 
     # -- configuration -------------------------------------------------------------------
+    def _assign_addresses(self) -> None:
+        """Free ports on 127.0.0.1 and a node name of its own (a cluster node differs)."""
+        # The address clients use to reach this node.
+        self.host = "127.0.0.1"
+        self.amqp_port = free_port()
+        self.mqtt_port = free_port()
+        self.management_port = free_port()
+        self.prometheus_port = free_port()
+        self.mqtt_tls_port = free_port()
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
+        self.nodename = f"tempmon-test-{os.getpid()}-{self.amqp_port}@localhost"
+
     def _write_config(self) -> None:
         conf_d = self.dir / "conf.d"
         conf_d.mkdir()
@@ -156,7 +162,7 @@ class RabbitBroker:
         began = time.monotonic()
         if self._epmd is None or self._epmd.poll() is not None:
             self._epmd = subprocess.Popen(
-                ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                self._wrap(["epmd", "-port", str(self.epmd_port), "-address", self.host]),
                 env=self.env(),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -164,7 +170,7 @@ class RabbitBroker:
             )
         with self._log.open("ab") as log:
             self._server = subprocess.Popen(
-                [f"{RABBIT_BIN}/rabbitmq-server"],
+                self._wrap([f"{RABBIT_BIN}/rabbitmq-server"]),
                 env=self.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -177,8 +183,8 @@ class RabbitBroker:
                 lambda: (
                     self._fail_if_exited()
                     or (
-                        port_open(self.amqp_port)
-                        and port_open(self.mqtt_tls_port if self.tls else self.mqtt_port)
+                        port_open(self.amqp_port, self.host)
+                        and port_open(self.mqtt_tls_port if self.tls else self.mqtt_port, self.host)
                     )
                 ),
                 timeout,
@@ -190,6 +196,11 @@ class RabbitBroker:
             self.kill()
             raise
         self.boot_seconds.append(time.monotonic() - began)
+
+    def _wrap(self, argv: list[str]) -> list[str]:
+        """The command line that runs ``argv`` where this node lives (a cluster node: its own
+        network namespace)."""
+        return argv
 
     @property
     def pid(self) -> int:
@@ -217,7 +228,7 @@ class RabbitBroker:
                 self._server.wait(10)
         kill_group(self._server, signal.SIGKILL)  # leftovers such as erl_child_setup
         self._server = None
-        wait_for("AMQP port released", lambda: not port_open(self.amqp_port), 30)
+        wait_for("AMQP port released", lambda: not port_open(self.amqp_port, self.host), 30)
 
     def kill(self) -> None:
         """kill -9 of the whole node: no chance to flush or close anything."""
@@ -227,7 +238,7 @@ class RabbitBroker:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._server.wait(10)
         self._server = None
-        wait_for("AMQP port released", lambda: not port_open(self.amqp_port), 30)
+        wait_for("AMQP port released", lambda: not port_open(self.amqp_port, self.host), 30)
 
     def restart(self) -> None:
         self.stop()
@@ -277,7 +288,7 @@ class RabbitBroker:
         env = self.env()
         env.update(env_extra or {})
         done = subprocess.run(
-            argv,
+            self._wrap(argv),
             env=env,
             input=input_text,
             capture_output=True,
@@ -302,7 +313,7 @@ class RabbitBroker:
         creds = creds or self.pipeline
         return (
             f"amqp://{quote(creds.username, safe='')}:{quote(creds.password, safe='')}"
-            f"@127.0.0.1:{self.amqp_port}/%2F"
+            f"@{self.host}:{self.amqp_port}/%2F"
         )
 
     def connection(self, creds: NodeCredentials | None = None) -> pika.BlockingConnection:

@@ -47,8 +47,9 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.harness.compose_env import compose_env_file, move_ports
 from tests.harness.docker import DockerEngine, StandIns
-from tests.harness.procs import REPO, free_port, wait_for
+from tests.harness.procs import REPO, wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.docker]
 
@@ -177,44 +178,6 @@ class Gateway:
         return int(row[0][0]), int(row[0][1])
 
 
-def _move_ports(text: str) -> str:
-    """Every host port of .env moved to a free one: this machine may run its own services."""
-    for name in (
-        "MQTT_PORT",
-        "AMQP_PORT",
-        "RABBITMQ_UI_PORT",
-        "POSTGRES_PORT",
-        "GRAFANA_PORT",
-        "MQTT_TLS_PORT",
-    ):
-        text, count = re.subn(rf"^{name}=.*$", f"{name}={free_port()}", text, flags=re.M)
-        assert count == 1, name
-    return text
-
-
-def _env_file(directory: Path) -> tuple[Path, dict[str, str]]:
-    """.env.example with a random password for every change-me and free host ports."""
-    text = (REPO / ".env.example").read_text(encoding="utf-8")
-    assert "change-me" in text
-    text = re.sub(r"change-me", lambda _m: "pw-" + secrets.token_urlsafe(18), text)
-    text = _move_ports(text)
-    text, count = re.subn(
-        r"^TLS_CERTS_DIR=.*$", f"TLS_CERTS_DIR={directory / 'tls'}", text, flags=re.M
-    )
-    assert count == 1
-    text, count = re.subn(
-        r"^DEMO_NODE_PASSWORD=.*$",
-        f"DEMO_NODE_PASSWORD=demo-{secrets.token_urlsafe(18)}",
-        text,
-        flags=re.M,
-    )
-    assert count == 1
-    path = directory / ".env"
-    path.write_text(text, encoding="utf-8")
-    settings = dict(re.findall(r"^([A-Z_]+)=(.*)$", text, re.M))
-    return path, settings
-
-
 class Publisher:
     """One node publishing readings over MQTT (QoS 1) from the host, in a thread."""
 
@@ -276,7 +239,7 @@ class Publisher:
 def test_compose_quick_start_runs_and_keeps_every_reading_once(
     docker_engine: DockerEngine, standins: StandIns, tmp_path: Path
 ) -> None:
-    env_file, settings = _env_file(tmp_path)
+    env_file, settings = compose_env_file(tmp_path)
     gw = Gateway(docker_engine, env_file, settings)
     print(f"docker compose {docker_engine.compose_version()}, images {standins.tags}")
     try:
@@ -551,7 +514,7 @@ def test_compose_refuses_placeholder_and_weak_passwords(
     """`docker compose up` with .env.example as it is (every password change-me), then with one
     short password, then with Grafana's placeholder left: each time the gateway refuses to
     start, says which variable to set, and starts neither the broker nor the database."""
-    base = _move_ports((REPO / ".env.example").read_text(encoding="utf-8"))
+    base = move_ports((REPO / ".env.example").read_text(encoding="utf-8"))
     strong = re.sub(r"change-me", lambda _m: "pw-" + secrets.token_urlsafe(18), base)
     cases = {
         "placeholders": (
