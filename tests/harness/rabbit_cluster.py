@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from tests.harness.compose_env import compose_env_file
 from tests.harness.docker import DockerEngine
@@ -83,6 +83,29 @@ class Cluster:
 
     def __init__(self) -> None:
         self._cut: set[int] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 180) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     # -- partitions --------------------------------------------------------------------------
     def cut(self, index: int) -> None:
@@ -369,22 +392,6 @@ class RabbitCluster(Cluster):
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> RabbitCluster:
-        try:
-            self.start()
-        except Exception:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 # --- the compose cluster: gateway/compose.cluster.yml on a private Docker Engine -------------
 
@@ -566,19 +573,3 @@ class ComposeCluster(Cluster):
             node.close()
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> ComposeCluster:
-        try:
-            self.start()
-        except Exception:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
