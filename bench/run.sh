@@ -7,8 +7,10 @@ set -euo pipefail
 source "$(dirname "$0")/../tests/setup.sh"
 
 readings=200000 backlog=100000 seconds=15 summary=50000000 partitions=50000000
+nodes=1000,5000,10000 steady=60
 if [ "${1:-}" = "--quick" ]; then
     readings=20000 backlog=20000 seconds=5 summary=2000000 partitions=2000000
+    nodes=500 steady=20
 fi
 mkdir -p bench/out
 out="bench/out/$(date -u +%Y%m%dT%H%M%SZ).txt"
@@ -17,6 +19,7 @@ out="bench/out/$(date -u +%Y%m%dT%H%M%SZ).txt"
     "$VENV/bin/python" -u -m bench.drain --readings "$readings"
     "$VENV/bin/python" -u -m bench.edge --backlog "$backlog" --seconds "$seconds"
     "$VENV/bin/python" -u -m bench.e2e --seconds "$seconds"
+    "$VENV/bin/python" -u -m bench.capacity --levels "$nodes" --seconds "$steady"
     "$VENV/bin/python" -u -m bench.summary --readings "$summary"
     "$VENV/bin/python" -u -m bench.partitions --readings "$partitions"
 } 2>&1 | tee "$out"

@@ -100,3 +100,33 @@ def test_partitions_benchmark_runs_every_measurement() -> None:
     ):
         assert measurement in out
     assert "it did: dropped readings_p" in out
+
+
+@pytest.mark.slow
+def test_capacity_benchmark_connects_publishes_and_loses_nothing() -> None:
+    # 50 real MQTT connections from two worker processes, each its own node user, one reading
+    # a second for two seconds, through two `pipeline consume` replicas into PostgreSQL.
+    out = _bench(
+        "capacity",
+        "--levels",
+        "50",
+        "--baseline",
+        "0",
+        "--seconds",
+        "2",
+        "--interval",
+        "1",
+        "--warmup-rounds",
+        "0",
+        "--settle",
+        "0",
+    )
+    assert "50 node users by gateway/rabbitmq/users.sh" in out
+    assert "50: 50/50 connected in" in out
+    assert "failures: none" in out
+    assert "sent 100, acked 100, rows 100, lost 0, rows without a PUBACK 0, unacked 0" in out
+    assert "not sent 0, dropped connections 0" in out
+    for column in ("KiB/conn", "acked/s", "vs offer", "e2e p50", "e2e p99", "lost"):
+        assert column in out
+    assert "sizing: " in out
+    assert "dead letters after the run: 0 in readings.dead" in out
