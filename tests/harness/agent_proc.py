@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
 from tests.harness.procs import ManagedProcess
 from tests.harness.rabbit import NodeCredentials, RabbitBroker
+
+
+def outbox_state(path: Path) -> tuple[int, int]:
+    """(rows waiting, highest sequence number ever handed out) of an agent's outbox file."""
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
+        depth = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
+    return int(depth), int(top)
 
 
 def write_config(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import sqlite3
 import threading
 import time
 import urllib.error
@@ -35,7 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.outbox import Outbox
 from tests.conftest import Database
 from tests.harness import NodeCredentials, RabbitBroker
-from tests.harness.agent_proc import AgentProcess, write_config
+from tests.harness.agent_proc import AgentProcess, outbox_state, write_config
 from tests.harness.pipeline_proc import ConsumerProcess
 from tests.harness.procs import REPO, wait_for
 
@@ -181,14 +180,6 @@ def test_a_message_over_the_broker_limit_is_refused(
     assert rabbit.depth("readings.dead") == 0
 
 
-def _outbox(path: Path) -> tuple[int, int]:
-    """(rows waiting, highest sequence number handed out)."""
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
-        depth = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-        top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
-    return int(depth), int(top)
-
-
 @pytest.mark.slow
 def test_a_full_queue_refuses_publishes_and_the_agent_keeps_them(
     rabbit: RabbitBroker, database: Database, tmp_path: Path
@@ -226,23 +217,27 @@ def test_a_full_queue_refuses_publishes_and_the_agent_keeps_them(
         )
         outbox = tmp_path / "outbox.sqlite"
         Outbox(outbox).close()
-        first = _outbox(outbox)[1] + 1
+        first = outbox_state(outbox)[1] + 1
         agent = AgentProcess(config)
         # About 120 readings (130-140 bytes each) fill 16 KiB; then the queue refuses and the
         # outbox grows.
-        wait_for("the outbox growing behind a full queue", lambda: _outbox(outbox)[0] > 300, 60)
+        wait_for(
+            "the outbox growing behind a full queue", lambda: outbox_state(outbox)[0] > 300, 60
+        )
         assert 0 < rabbit.depth("readings") <= 16 * 1024 // 100  # every reading is > 100 bytes
         assert agent.alive(), f"the agent died on refused publishes:\n{agent.log[-2000:]}"
         rabbit.ctl("clear_policy", "test-small-readings")
         with ConsumerProcess(rabbit, database.writer_url):
             try:
-                wait_for("the outbox drained", lambda: _outbox(outbox)[0] < 20, 120, interval=0.5)
+                wait_for(
+                    "the outbox drained", lambda: outbox_state(outbox)[0] < 20, 120, interval=0.5
+                )
             finally:
                 print(f"--- agent log ---\n{agent.log[-4000:]}")
             assert agent.terminate() == 0
             agent = None
-            top = _outbox(outbox)[1]
-            assert _outbox(outbox)[0] == 0
+            top = outbox_state(outbox)[1]
+            assert outbox_state(outbox)[0] == 0
 
             def stored() -> int:
                 with psycopg.connect(database.owner_url) as conn:
@@ -284,7 +279,7 @@ def test_a_flooding_node_does_not_stop_the_others(
                 Outbox(directory / "outbox.sqlite").close()
                 outboxes[name] = (
                     directory / "outbox.sqlite",
-                    _outbox(directory / "outbox.sqlite")[1] + 1,
+                    outbox_state(directory / "outbox.sqlite")[1] + 1,
                 )
                 agents.append(AgentProcess(config))
             # One after the other: RabbitMQ 4 counts a connection against the limit only once
@@ -335,7 +330,7 @@ def test_a_flooding_node_does_not_stop_the_others(
             assert during > 200, f"only {during} readings of the calm nodes landed during the flood"
             for agent in agents:
                 assert agent.terminate() == 0
-            tops = {name: _outbox(path)[1] for name, (path, _first) in outboxes.items()}
+            tops = {name: outbox_state(path)[1] for name, (path, _first) in outboxes.items()}
 
             def all_calm_stored() -> bool:
                 with psycopg.connect(database.owner_url) as conn:

@@ -26,10 +26,8 @@ the agent publishing on a live node and a consumer consuming. Each test prints i
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -42,7 +40,7 @@ import pytest
 from edge_agent.outbox import Outbox
 from tests.conftest import Database
 from tests.harness import NodeCredentials
-from tests.harness.agent_proc import AgentProcess, write_config
+from tests.harness.agent_proc import AgentProcess, outbox_state, write_config
 from tests.harness.docker import DockerEngine
 from tests.harness.pipeline_proc import ConsumerProcess
 from tests.harness.procs import wait_for
@@ -76,14 +74,6 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         yield made
 
 
-def _outbox_state(path: Path) -> tuple[int, int]:
-    """(rows waiting, highest sequence number ever handed out) of an outbox file."""
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
-        depth = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-        top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
-    return int(depth), int(top)
-
-
 _CONNECTED = re.compile(r"connected host=(\S+) port=(\d+)")
 
 
@@ -114,7 +104,7 @@ class ClusterChain:
             config.write_text(text)
             outbox = directory / "outbox.sqlite"
             Outbox(outbox).close()  # created here, so its seeded start is known
-            self.first[node] = _outbox_state(outbox)[1] + 1
+            self.first[node] = outbox_state(outbox)[1] + 1
             self.outboxes[node] = outbox
             self.agents[node] = AgentProcess(config)
         urls = ",".join(self.cluster.amqp_urls())
@@ -168,7 +158,7 @@ class ClusterChain:
     def finish(self) -> None:
         wait_for(
             "every outbox drained",
-            lambda: all(_outbox_state(self.outboxes[n])[0] < 40 for n in self.nodes),
+            lambda: all(outbox_state(self.outboxes[n])[0] < 40 for n in self.nodes),
             90,
             0.25,
         )
@@ -176,7 +166,7 @@ class ClusterChain:
         for node, agent in self.agents.items():
             code = agent.terminate(60)
             assert code == 0, f"{node}: edge-agent exited with {code}:\n{agent.log[-3000:]}"
-            depth, top = _outbox_state(self.outboxes[node])
+            depth, top = outbox_state(self.outboxes[node])
             assert depth == 0, f"{node}: {depth} readings left in the outbox after SIGTERM"
             expected[node] = (self.first[node], top)
         taken = sum(top - first + 1 for first, top in expected.values())

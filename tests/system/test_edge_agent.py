@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import Database
 from tests.harness import RabbitBroker
-from tests.harness.agent_proc import AgentProcess, write_config
+from tests.harness.agent_proc import AgentProcess, outbox_state, write_config
 from tests.harness.pipeline_proc import ConsumerProcess
 from tests.harness.procs import wait_for
 
@@ -27,17 +27,6 @@ def agents() -> Iterator[list[AgentProcess]]:
         if agent.alive():
             agent.kill()
         print(f"--- agent {n} log ---\n{agent.log[-4000:]}")
-
-
-def _outbox_seqs(directory: Path) -> tuple[int, int]:
-    """(depth, highest sequence number ever handed out) of an agent's outbox."""
-    conn = sqlite3.connect(directory / "outbox.sqlite")
-    try:
-        depth = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-        top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
-    finally:
-        conn.close()
-    return int(depth), int(top)
 
 
 def _arrived(rabbit: RabbitBroker) -> list[int]:
@@ -56,7 +45,7 @@ def test_simulator_publishes_readings_that_arrive(
     agents.append(agent)
     wait_for("300 readings queued", lambda: rabbit.depth("readings") >= 300, 60, interval=0.5)
     assert agent.terminate() == 0
-    depth, top = _outbox_seqs(tmp_path)
+    depth, top = outbox_state(tmp_path / "outbox.sqlite")
     assert depth == 0, "SIGTERM flushes the outbox while the broker is up"
     time.sleep(1.5)  # quorum queue counts lag
     seqs = _arrived(rabbit)
@@ -80,12 +69,17 @@ def test_broker_outage_then_every_sequence_number_arrives(
     wait_for("readings flowing", lambda: rabbit.depth("readings") >= 100, 60, interval=0.5)
     rabbit.stop()
     time.sleep(6)  # the agent keeps sampling into its outbox
-    buffered, _ = _outbox_seqs(tmp_path)
+    buffered, _ = outbox_state(tmp_path / "outbox.sqlite")
     assert buffered > 200, f"only {buffered} readings buffered during the outage"
     rabbit.start()
-    wait_for("outbox drained", lambda: _outbox_seqs(tmp_path)[0] < 20, 120, interval=0.5)
+    wait_for(
+        "outbox drained",
+        lambda: outbox_state(tmp_path / "outbox.sqlite")[0] < 20,
+        120,
+        interval=0.5,
+    )
     assert agent.terminate() == 0
-    _, top = _outbox_seqs(tmp_path)
+    _, top = outbox_state(tmp_path / "outbox.sqlite")
     time.sleep(1.5)
     seqs = _arrived(rabbit)
     print(f"buffered={buffered} arrived={len(seqs)} distinct={len(set(seqs))} top={top}")
@@ -105,14 +99,19 @@ def test_agent_killed_while_broker_down_keeps_its_buffer(
     rabbit.stop()
     time.sleep(4)
     first.kill()  # a power cut while offline
-    buffered, top_at_kill = _outbox_seqs(tmp_path)
+    buffered, top_at_kill = outbox_state(tmp_path / "outbox.sqlite")
     assert buffered > 100
     rabbit.start()
     second = AgentProcess(config)
     agents.append(second)
-    wait_for("buffer drained", lambda: _outbox_seqs(tmp_path)[0] < 20, 120, interval=0.5)
+    wait_for(
+        "buffer drained",
+        lambda: outbox_state(tmp_path / "outbox.sqlite")[0] < 20,
+        120,
+        interval=0.5,
+    )
     assert second.terminate() == 0
-    _, top = _outbox_seqs(tmp_path)
+    _, top = outbox_state(tmp_path / "outbox.sqlite")
     time.sleep(1.5)
     seqs = set(_arrived(rabbit))
     assert set(range(min(seqs), top + 1)) <= seqs
@@ -153,7 +152,7 @@ def test_max_inflight_one_publishes_every_reading(
     agents.append(agent)
     wait_for("100 readings queued", lambda: rabbit.depth("readings") >= 100, 60, interval=0.5)
     assert agent.terminate() == 0
-    depth, top = _outbox_seqs(tmp_path)
+    depth, top = outbox_state(tmp_path / "outbox.sqlite")
     assert depth == 0, "SIGTERM flushes the outbox while the broker is up"
     time.sleep(1.5)  # quorum queue counts lag
     seqs = _arrived(rabbit)
@@ -222,7 +221,7 @@ def test_a_damaged_outbox_stops_the_agent_and_the_next_start_recovers_it(
     assert second.terminate() == 0
     kept = list(tmp_path.glob("outbox.sqlite.corrupt-*"))
     assert any(k.name.endswith("Z") for k in kept), kept
-    depth, top = _outbox_seqs(tmp_path)
+    depth, top = outbox_state(tmp_path / "outbox.sqlite")
     assert depth > 15_000, "the readings on sound pages were salvaged"
     assert top > top_before, "the sequence goes on above the damaged file's numbers"
 
@@ -241,7 +240,7 @@ def test_chain_agent_broker_pipeline_database(
         agents.append(agent)
         time.sleep(8)
         assert agent.terminate() == 0
-        _, top = _outbox_seqs(tmp_path)
+        _, top = outbox_state(tmp_path / "outbox.sqlite")
 
         def rows() -> tuple[int, int, int]:
             with psycopg.connect(database.owner_url) as conn:
@@ -329,7 +328,7 @@ def test_readings_wait_for_the_clock_and_arrive_with_corrected_times(
     assert times
     assert all(taken_from - 1 <= t <= taken_to + 1 for t in times), "times were not corrected"
     # Every reading, held or not, arrived: none was stranded behind newer ones.
-    depth, top = _outbox_seqs(tmp_path)
+    depth, top = outbox_state(tmp_path / "outbox.sqlite")
     seqs = {r["seq"] for r in arrived}
     assert depth == 0
     assert seqs == set(range(min(seqs), top + 1))

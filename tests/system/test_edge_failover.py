@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import RabbitBroker
-from tests.harness.agent_proc import AgentProcess, write_config
+from tests.harness.agent_proc import AgentProcess, outbox_state, write_config
 from tests.harness.procs import wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -50,17 +49,6 @@ def brokers() -> Iterator[tuple[RabbitBroker, RabbitBroker]]:
     finally:
         for broker in pair:
             broker.close()
-
-
-def _outbox(directory: Path) -> tuple[int, int]:
-    """(depth, the last sequence number handed out) of the agent's outbox."""
-    conn = sqlite3.connect(directory / "outbox.sqlite")
-    try:
-        depth = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-        top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
-    finally:
-        conn.close()
-    return int(depth), int(top)
 
 
 def _seqs(broker: RabbitBroker) -> list[int]:
@@ -92,7 +80,7 @@ def test_killing_the_broker_in_use_moves_the_agent_to_the_other_losing_nothing(
     from edge_agent.outbox import Outbox  # noqa: PLC0415
 
     Outbox(tmp_path / "outbox.sqlite").close()
-    _, seed = _outbox(tmp_path)
+    _, seed = outbox_state(tmp_path / "outbox.sqlite")
 
     by_port = {one.mqtt_port: one, two.mqtt_port: two}
     agent = AgentProcess(config)
@@ -133,7 +121,7 @@ def test_killing_the_broker_in_use_moves_the_agent_to_the_other_losing_nothing(
         if agent.alive():
             agent.kill()
         print(f"--- agent log ---\n{agent.log[-4000:]}")
-    depth, top = _outbox(tmp_path)
+    depth, top = outbox_state(tmp_path / "outbox.sqlite")
     assert depth == 0, "SIGTERM flushes the outbox while a broker is up"
     on_other.extend(_seqs(other))
 

@@ -32,7 +32,6 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -51,7 +50,7 @@ from edge_agent.outbox import Outbox
 from pipeline.decode import Reading, encode_reading
 from tests.conftest import Database
 from tests.harness import NodeCredentials, RabbitBroker
-from tests.harness.agent_proc import AgentProcess, write_config
+from tests.harness.agent_proc import AgentProcess, outbox_state, write_config
 from tests.harness.pipeline_proc import ConsumerProcess
 from tests.harness.procs import wait_for
 
@@ -176,14 +175,6 @@ def node_creds(
 # --- the chain ----------------------------------------------------------------------------------
 
 
-def _outbox_state(path: Path) -> tuple[int, int]:
-    """(rows waiting, highest sequence number ever handed out) of an outbox file."""
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
-        depth = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-        top = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0]
-    return int(depth), int(top)
-
-
 class Chain:
     """Agents, consumers and the reconciliation of one case."""
 
@@ -231,7 +222,7 @@ class Chain:
             outbox = moved
         # Created here, so the seeded start (the first sequence number minus one) is known.
         Outbox(outbox).close()
-        self.first[node] = _outbox_state(outbox)[1] + 1
+        self.first[node] = outbox_state(outbox)[1] + 1
         self.configs[node] = config
         self.outboxes[node] = outbox
         return self.start_agent(node)
@@ -243,7 +234,7 @@ class Chain:
         return agent
 
     def outbox(self, node: str) -> tuple[int, int]:
-        return _outbox_state(self.outboxes[node])
+        return outbox_state(self.outboxes[node])
 
     def buffered(self) -> int:
         return sum(self.outbox(node)[0] for node in self.agents)
