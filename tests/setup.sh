@@ -90,13 +90,14 @@ if ! docker compose version >/dev/null 2>&1; then
     docker compose version
 fi
 
-stamp_source=$(cat constraints.txt tests/requirements.txt edge/pyproject.toml pipeline/pyproject.toml \
+stamp_source=$(cat constraints.txt tests/requirements.txt contract/pyproject.toml edge/pyproject.toml \
+    pipeline/pyproject.toml \
     | sha256sum | cut -c1-16)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$stamp_source" ]; then
     say "preparing $VENV"
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt \
-        -e ./edge -e './pipeline' -r tests/requirements.txt
+        -e ./contract -e ./edge -e './pipeline' -r tests/requirements.txt
     echo "$stamp_source" > "$VENV/.installed"
 fi

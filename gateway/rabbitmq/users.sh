@@ -54,10 +54,12 @@ PIPELINE_READ='^(readings|node-status|readings\\.dead|node-status\\.dead)$'
 
 die() { echo "users.sh: $*" >&2; exit 2; }
 
+# A node's user name is its id (tempmon_contract.ids): 1 to 64 of [A-Za-z0-9_-].
 valid_id() {
     case "$1" in
         ''|*[!A-Za-z0-9_-]*) die "user name '$1' is invalid: use only letters, digits, '_' and '-'" ;;
     esac
+    [ "${#1}" -le 64 ] || die "user name '$1' is ${#1} characters long: at most 64"
 }
 
 work=$(umask 077 && mktemp -d)

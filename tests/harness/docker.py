@@ -283,16 +283,32 @@ def _make_bridge() -> str:
 # --- the wheelhouse baked into the python stand-in ----------------------------------------------
 
 
+# Our own packages: the images install them from the copied directories (contract/ on the same
+# pip command line as the wing), never from an index, where the name could be anyone's.
+LOCAL_PACKAGES = ("contract", "edge", "pipeline")
+
+
+def _requirement_name(requirement: str) -> str:
+    """The normalised project name of a PEP 508 requirement (``Foo_Bar[x]>=1`` -> ``foo-bar``)."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if match is None:
+        raise ValueError(f"not a requirement: {requirement!r}")
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
+
+
 def _project_requirements() -> list[str]:
-    """What the gateway images install: the edge and pipeline packages' dependencies and the
-    build backend pip needs to build them from source (the images install ./edge, ./pipeline).
+    """What the gateway images download from the index: the edge and pipeline packages'
+    dependencies and the build backend pip needs to build our packages from source (the images
+    install ./contract with ./edge or ./pipeline), minus our own packages (tempmon-contract).
     """
+    local: set[str] = set()
     wanted: list[str] = []
-    for package in ("edge", "pipeline"):
+    for package in LOCAL_PACKAGES:
         meta = tomllib.loads((REPO / package / "pyproject.toml").read_text(encoding="utf-8"))
+        local.add(_requirement_name(meta["project"]["name"]))
         wanted += meta["project"]["dependencies"]
         wanted += meta["build-system"]["requires"]
-    return sorted(set(wanted))
+    return sorted({req for req in wanted if _requirement_name(req) not in local})
 
 
 def _wheel_platforms() -> list[str]:
