@@ -47,7 +47,8 @@ import pika
 import psycopg
 
 from bench.cpu import CpuMeter, postmaster_pid
-from pipeline.decode import Reading, encode_reading
+from pipeline.decode import Reading
+from tempmon_contract.wire import reading_payload
 from tests.harness import PostgresServer, RabbitBroker
 
 PREFETCH = 3000
@@ -68,7 +69,7 @@ def readings(n: int, offset: int = 0) -> list[tuple[str, bytes]]:
             None,
             False,
         )
-        out.append((f"sensors.{node}.{sensor}", encode_reading(r)))
+        out.append((f"sensors.{node}.{sensor}", reading_payload(**r._asdict())))
     return out
 
 

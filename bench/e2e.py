@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.wire import reading_payload
+from tempmon_contract.wire import reading_payload
 from tests.harness import NodeCredentials, PostgresServer, RabbitBroker
 
 PUBLISHERS = 4

@@ -74,8 +74,9 @@ from psycopg import sql
 
 from bench import drain
 from bench.summary import OURS, Index, drop_indexes, pct, rebuild_indexes, say, seq_ranges
-from pipeline.decode import Reading, encode_reading
+from pipeline.decode import Reading
 from pipeline.migrate import migrate
+from tempmon_contract.wire import reading_payload
 from tests.harness import PostgresServer, RabbitBroker
 from tests.harness.procs import REPO
 
@@ -517,7 +518,7 @@ def drain_messages(lane: Lane, plan: Plan, n: int) -> tuple[list[tuple[str, byte
                 55.0 if dht else None,
                 False,
             )
-            out.append((f"sensors.{node}.{sensor}", encode_reading(reading)))
+            out.append((f"sensors.{node}.{sensor}", reading_payload(**reading._asdict())))
     return out, steps
 
 

@@ -13,8 +13,8 @@ pipe, one step at a time, so the parent can measure the broker between the steps
 
 Node ``i`` of ``n`` publishes round ``k`` at ``t0 + interval * (i / n + k)`` (wall clock, shared by
 the processes): start times spread evenly over one interval, one reading per node per interval.
-The payload is the agent's own (edge_agent.wire.reading_payload) with ``ts`` = the moment it is
-written to the socket and ``seq`` = ``seq_base + k``.
+The payload is the one the agent sends (tempmon_contract.wire.reading_payload) with ``ts`` = the
+moment it is written to the socket and ``seq`` = ``seq_base + k``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import cast
 
 from bench.mqtt_lite import MqttConnection, MqttError, connect
 from edge_agent.agent import mqtt_client_id
-from edge_agent.wire import reading_payload, reading_topic
+from tempmon_contract.ids import reading_topic
+from tempmon_contract.wire import reading_payload
 
 __all__ = ["ConnectReport", "PublishReport", "SwarmSpec", "run_worker"]
 

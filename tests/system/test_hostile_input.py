@@ -33,7 +33,8 @@ import psycopg
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
-from pipeline.decode import Reading, encode_reading
+from pipeline.decode import Reading
+from tempmon_contract.wire import reading_payload
 from tests.conftest import Database
 from tests.harness import RabbitBroker
 from tests.harness.pipeline_proc import ConsumerProcess
@@ -76,7 +77,7 @@ def _valid_readings(now: datetime) -> list[Message]:
             humidity_pct=None if i % 3 else 45.5,
             time_uncertain=False,
         )
-        out.append((TOPIC, f"sensors.{node}.{sensor}", encode_reading(reading)))
+        out.append((TOPIC, f"sensors.{node}.{sensor}", reading_payload(**reading._asdict())))
     return out
 
 

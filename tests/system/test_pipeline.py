@@ -16,8 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from pipeline.decode import Reading, encode_reading
+from pipeline.decode import Reading
 from pipeline.store import BatchResult, Store
+from tempmon_contract.wire import reading_payload
 from tests.conftest import Database
 from tests.harness import RabbitBroker
 from tests.harness.pipeline_proc import ConsumerProcess
@@ -45,7 +46,7 @@ def _readings(
             humidity_pct=None,
             time_uncertain=False,
         )
-        out.append((f"sensors.{node}.{sensor}", encode_reading(reading)))
+        out.append((f"sensors.{node}.{sensor}", reading_payload(**reading._asdict())))
     return out
 
 

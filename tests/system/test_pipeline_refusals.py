@@ -11,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from pipeline.decode import Reading, encode_reading
+from pipeline.decode import Reading
+from tempmon_contract.wire import reading_payload
 from tests.conftest import Database
 from tests.harness import RabbitBroker
 from tests.harness.pipeline_proc import ConsumerProcess
@@ -34,7 +35,7 @@ def _reading(
         humidity_pct=None,
         time_uncertain=False,
     )
-    return f"sensors.{node}.t1", encode_reading(reading)
+    return f"sensors.{node}.t1", reading_payload(**reading._asdict())
 
 
 def _rows(database: Database, sql: str) -> list[tuple[object, ...]]:

@@ -1,7 +1,8 @@
-"""pipeline.decode: tables for the decoders and the canonical encoder.
+"""pipeline.decode: tables for the decoders, and the contract's encoder read back by them.
 
 The per-field rules are covered case by case by gateway/schema/examples (test_schema_examples);
-these tables pin exact reasons, the mapping of the legacy form, and encode_reading's output.
+these tables pin exact reasons, the mapping of the legacy form, and that what
+``tempmon_contract.wire.reading_payload`` writes decodes to the same reading.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ from typing import Any
 import pytest
 
 from pipeline.decode import (
-    HUMIDITY_KINDS,
-    KINDS,
     LEGACY_KIND,
     LEGACY_NODE,
     MAX_PAYLOAD_BYTES,
-    TEMPERATURE_RANGES,
     NodeStatus,
     Reading,
     decode_reading,
     decode_status,
-    encode_reading,
 )
 from pipeline.errors import Rejected
+from tempmon_contract.kinds import KINDS
+from tempmon_contract.wire import reading_payload
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 KEY = "sensors.pi-01.t1"
@@ -64,6 +63,11 @@ def reading(**changes: Any) -> Reading:
     return base._replace(**changes)
 
 
+def encode(value: Reading) -> bytes:
+    """The contract's v1 payload of a reading (its fields are the encoder's arguments)."""
+    return reading_payload(**value._asdict())
+
+
 def reason_of(body: bytes, routing_key: str = KEY, *, status: bool = False) -> str:
     decoder = decode_status if status else decode_reading
     with pytest.raises(Rejected) as caught:
@@ -73,9 +77,16 @@ def reason_of(body: bytes, routing_key: str = KEY, *, status: bool = False) -> s
 
 def test_constants() -> None:
     assert MAX_PAYLOAD_BYTES == 4096
-    assert frozenset({"ds18b20", "dht22", "cpu", "simulated"}) == KINDS
-    assert HUMIDITY_KINDS < KINDS
-    assert set(TEMPERATURE_RANGES) == KINDS | {LEGACY_KIND}
+    assert {"ds18b20", "dht22", "cpu", "simulated", "bme280"} <= set(KINDS)
+    assert LEGACY_KIND not in KINDS
+
+
+def test_reading_gained_pressure_last_with_a_default() -> None:
+    """Code that builds a Reading positionally (the store's tests, benches) keeps working."""
+    assert Reading._fields[-1] == "pressure_hpa"
+    assert reading().pressure_hpa is None
+    built = Reading("pi-01", "t1", "ds18b20", 7, NOW, 21.5, None, False)
+    assert built.pressure_hpa is None
 
 
 # --- exact reasons -----------------------------------------------------------------------------
@@ -122,6 +133,57 @@ def test_constants() -> None:
             "temperature_c: -41 is outside what a dht22 can measure (-40..80)",
         ),
         (payload(humidity_pct=101, kind="dht22"), KEY, "humidity_pct: 101 is outside 0..100"),
+        (
+            payload(humidity_pct=40.0),
+            KEY,
+            (
+                "humidity_pct: 40.0 given for a ds18b20, which measures no relative humidity"
+                " (only dht22, simulated and bme280 do)"
+            ),
+        ),
+        (
+            payload(kind="dht22", pressure_hpa=1013.2),
+            KEY,
+            (
+                "pressure_hpa: 1013.2 given for a dht22, which measures no air pressure"
+                " (only bme280 does)"
+            ),
+        ),
+        (
+            payload(kind="bme280", pressure_hpa=200),
+            KEY,
+            "pressure_hpa: 200 is outside 300..1100",
+        ),
+        (
+            payload(kind="bme280", pressure_hpa=1100.5),
+            KEY,
+            "pressure_hpa: 1100.5 is outside 300..1100",
+        ),
+        (
+            payload(kind="bme280", pressure_hpa="1013"),
+            KEY,
+            "pressure_hpa: '1013' is a string, expected a number",
+        ),
+        (
+            payload(kind="bme280", temperature_c=85.5),
+            KEY,
+            "temperature_c: 85.5 is outside what a bme280 can measure (-40..85)",
+        ),
+        (
+            payload(kind="simulated", temperature_c=150.5),
+            KEY,
+            "temperature_c: 150.5 is outside what a simulated sensor may report (-100..150)",
+        ),
+        (
+            b'{"id": "t1", "data": "2025-06-01 11:59:00", "temperatura": 151}',
+            KEY,
+            "temperatura: 151 is outside what the legacy form allows (-100..150)",
+        ),
+        (
+            payload(kind="toaster"),
+            KEY,
+            "kind: 'toaster' is not one of bme280, cpu, dht22, ds18b20, simulated",
+        ),
         (b'{"version":1,"version":1}', KEY, "payload: key 'version' appears more than once"),
         (b"[" * 3000, KEY, "payload: JSON nested too deeply"),
         (
@@ -199,6 +261,18 @@ def test_lone_surrogate_reason_is_encodable() -> None:
             reading(kind="dht22", humidity_pct=55.0),
         ),
         (payload(kind="simulated", humidity_pct=0.5), reading(kind="simulated", humidity_pct=0.5)),
+        (
+            payload(kind="bme280", humidity_pct=45.125, pressure_hpa=1013.25),
+            reading(kind="bme280", humidity_pct=45.125, pressure_hpa=1013.25),
+        ),
+        (
+            payload(kind="bme280", pressure_hpa=300),
+            reading(kind="bme280", pressure_hpa=300.0),
+        ),
+        (
+            payload(kind="bme280", pressure_hpa=None, humidity_pct=None),
+            reading(kind="bme280"),
+        ),
         (
             (
                 b'{"version":1,"node":"pi-01","sensor":"t1","kind":"cpu","seq":7,'
@@ -378,7 +452,7 @@ def test_status_reasons(body: bytes, routing_key: str, reason: str) -> None:
     assert reason_of(body, routing_key, status=True) == reason
 
 
-# --- encode_reading ----------------------------------------------------------------------------
+# --- the contract's encoder, read back ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -411,11 +485,19 @@ def test_status_reasons(body: bytes, routing_key: str, reason: str) -> None:
                 b'"ts":"2025-06-01T11:59:00.000Z","temperature_c":21.5}'
             ),
         ),
+        (
+            reading(kind="bme280", humidity_pct=45.5, pressure_hpa=1013.25),
+            (
+                b'{"version":1,"node":"pi-01","sensor":"t1","kind":"bme280","seq":7,'
+                b'"ts":"2025-06-01T11:59:00.250Z","temperature_c":21.5,"humidity_pct":45.5,'
+                b'"pressure_hpa":1013.25}'
+            ),
+        ),
     ],
-    ids=["minimal", "all fields, microseconds", "converted to UTC"],
+    ids=["minimal", "all fields, microseconds", "converted to UTC", "bme280 with pressure"],
 )
 def test_encode_reading(value: Reading, encoded: bytes) -> None:
-    assert encode_reading(value) == encoded
+    assert encode(value) == encoded
     assert decode_reading(encoded, KEY, now=NOW) == value
 
 
@@ -424,8 +506,10 @@ def test_encode_reading(value: Reading, encoded: bytes) -> None:
     [
         reading(),
         reading(kind="cpu", temperature_c=-40.0),
-        reading(kind="simulated", temperature_c=149.999999, humidity_pct=0.0),
-        reading(kind="dht22", temperature_c=0.1 + 0.2, humidity_pct=100.0),
+        reading(kind="simulated", temperature_c=149.9999, humidity_pct=0.0),
+        reading(kind="dht22", temperature_c=round(0.1 + 0.2, 4), humidity_pct=100.0),
+        reading(kind="bme280", temperature_c=-40.0, humidity_pct=0.001, pressure_hpa=1100.0),
+        reading(kind="bme280", temperature_c=85.0, pressure_hpa=300.001),
         reading(seq=0, ts=datetime(2000, 1, 1, tzinfo=UTC)),
         reading(node="N" * 64, sensor="-_-", seq=2**63 - 1),
         reading(temperature_c=-0.0, time_uncertain=True),
@@ -433,20 +517,22 @@ def test_encode_reading(value: Reading, encoded: bytes) -> None:
 )
 def test_encode_decode_round_trip(value: Reading) -> None:
     key = f"sensors.{value.node}.{value.sensor}"
-    assert decode_reading(encode_reading(value), key, now=NOW) == value
+    assert decode_reading(encode(value), key, now=NOW) == value
 
 
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (reading(kind=LEGACY_KIND), "no v1 form"),
+        (reading(kind=LEGACY_KIND), "kind: 'legacy' is not one of"),
         (reading(ts=datetime(2025, 6, 1)), "naive"),  # noqa: DTZ001
-        (reading(temperature_c=float("nan")), "not JSON compliant"),
+        (reading(temperature_c=float("nan")), "temperature_c: nan is not a finite number"),
+        (reading(pressure_hpa=1013.0), "pressure_hpa: 1013.0 given for a ds18b20"),
     ],
 )
 def test_encode_reading_refuses(value: Reading, message: str) -> None:
+    """The contract's encoder refuses what has no v1 form (a legacy reading included)."""
     with pytest.raises(ValueError, match=message):
-        encode_reading(value)
+        encode(value)
 
 
 # Times at the ends of `datetime`: with an offset, converting them to UTC leaves its range

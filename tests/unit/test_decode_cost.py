@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import decode
 from pipeline.decode import MAX_PAYLOAD_BYTES, decode_reading, decode_status
+from pipeline.decode import _common as decode
 from pipeline.errors import Rejected
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)

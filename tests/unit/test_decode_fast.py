@@ -18,34 +18,41 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.wire import reading_payload
-from pipeline import decode
 from pipeline.decode import (
-    HUMIDITY_KINDS,
-    KINDS,
-    TEMPERATURE_RANGES,
     Reading,
     decode_reading,
     decode_reading_fast,
     decode_reading_full,
-    encode_reading,
 )
+from pipeline.decode import fast as fast_path
 from pipeline.errors import Rejected
+from tempmon_contract.kinds import HUMIDITY, KINDS, PRESSURE, TEMPERATURE
+from tempmon_contract.wire import reading_payload
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EXAMPLES = settings(max_examples=400, deadline=None)
 
-pytestmark = pytest.mark.skipif(decode.msgspec is None, reason="msgspec is not installed")
+pytestmark = pytest.mark.skipif(fast_path.msgspec is None, reason="msgspec is not installed")
+
+
+def _at_wire_decimals(low: float, high: float, decimals: int) -> st.SearchStrategy[float]:
+    """Values the contract's encoder writes unchanged (it rounds to the quantity's decimals)."""
+    return st.floats(low, high).map(lambda v: round(v, decimals))
 
 
 @st.composite
 def readings(draw: st.DrawFn) -> Reading:
     kind = draw(st.sampled_from(sorted(KINDS)))
-    low, high = TEMPERATURE_RANGES[kind]
-    humidity = None
-    if kind in HUMIDITY_KINDS:
-        humidity = draw(st.none() | st.floats(0, 100))
+    spec = KINDS[kind]
+    low, high = spec.temperature
+    humidity = pressure = None
+    if HUMIDITY.field in spec.measures:
+        h_low, h_high = spec.range_of(HUMIDITY.field)
+        humidity = draw(st.none() | _at_wire_decimals(h_low, h_high, HUMIDITY.decimals))
+    if PRESSURE.field in spec.measures:
+        p_low, p_high = spec.range_of(PRESSURE.field)
+        pressure = draw(st.none() | _at_wire_decimals(p_low, p_high, PRESSURE.decimals))
     ts = draw(
         st.datetimes(
             min_value=datetime(2000, 1, 1),  # noqa: DTZ001 - hypothesis wants naive bounds
@@ -59,10 +66,16 @@ def readings(draw: st.DrawFn) -> Reading:
         kind=kind,
         seq=draw(st.integers(0, 2**63 - 1)),
         ts=ts,
-        temperature_c=draw(st.floats(low, high)),
+        temperature_c=draw(_at_wire_decimals(low, high, TEMPERATURE.decimals)),
         humidity_pct=humidity,
         time_uncertain=draw(st.booleans()),
+        pressure_hpa=pressure,
     )
+
+
+def encode(reading: Reading) -> bytes:
+    """The contract's payload of a reading, ``ts`` as an aware datetime (to the microsecond)."""
+    return reading_payload(**reading._asdict())
 
 
 def _topic(r: Reading) -> str:
@@ -83,21 +96,20 @@ def _agrees(body: bytes, routing_key: str) -> Reading | None:
         assert fast == _full(body, routing_key), body
         assert type(fast.temperature_c) is float
         assert fast.humidity_pct is None or type(fast.humidity_pct) is float
+        assert fast.pressure_hpa is None or type(fast.pressure_hpa) is float
     return fast
 
 
 @EXAMPLES
 @given(readings())
-def test_the_pipelines_encoding_takes_the_fast_path_with_the_full_decoders_result(
+def test_the_contracts_encoding_takes_the_fast_path_with_the_full_decoders_result(
     reading: Reading,
 ) -> None:
-    body = encode_reading(reading)
-    fast = _agrees(body, _topic(reading))
+    body = encode(reading)
     # Python writes floats below 1e-4 with an exponent ("1e-05"), msgspec a little differently
-    # ("1e-5"): such a payload is not canonical and takes the full decoder, correctly but
-    # slower. Agents round to 4 decimals, so theirs never do (next test).
-    if "e" not in repr(reading.temperature_c) + repr(reading.humidity_pct):
-        assert fast == reading
+    # ("1e-5"): such a payload would not be canonical. The encoder rounds every value to at
+    # most 4 decimals, so it never writes one, and every payload takes the fast path.
+    assert _agrees(body, _topic(reading)) == reading
     assert decode_reading(body, _topic(reading), now=NOW) == reading
 
 
@@ -112,6 +124,7 @@ def test_the_agents_payloads_take_the_fast_path(reading: Reading) -> None:
         ts=reading.ts.timestamp(),
         temperature_c=reading.temperature_c,
         humidity_pct=reading.humidity_pct,
+        pressure_hpa=reading.pressure_hpa,
         time_uncertain=reading.time_uncertain,
     )
     assert _agrees(body, _topic(reading)) is not None, body
@@ -144,6 +157,16 @@ MUTATIONS: dict[str, Any] = {
     "explicit false": lambda d: _dumps({**d, "time_uncertain": False}),
     "humidity on any kind": lambda d: _dumps({**d, "humidity_pct": 50.0}),
     "humidity 101": lambda d: _dumps({**d, "humidity_pct": 101.0}),
+    "explicit null pressure": lambda d: _dumps({**d, "pressure_hpa": None}),
+    "pressure on any kind": lambda d: _dumps({**d, "pressure_hpa": 1013.25}),
+    "pressure 299.9": lambda d: _dumps({**d, "pressure_hpa": 299.9}),
+    "pressure 1100.1": lambda d: _dumps({**d, "pressure_hpa": 1100.1}),
+    "integer pressure": lambda d: _dumps({**d, "pressure_hpa": 1013}),
+    "string pressure": lambda d: _dumps({**d, "pressure_hpa": "1013.0"}),
+    "pressure before humidity": lambda d: _dumps(
+        {**{k: v for k, v in d.items() if k != "humidity_pct"}, "pressure_hpa": 1000.5}
+        | ({"humidity_pct": d["humidity_pct"]} if "humidity_pct" in d else {"humidity_pct": 1.5})
+    ),
     "unknown field": lambda d: _dumps({**d, "extra": 1}),
     "unknown kind": lambda d: _dumps({**d, "kind": "toaster"}),
     "legacy kind": lambda d: _dumps({**d, "kind": "legacy"}),
@@ -175,7 +198,7 @@ def _dumps(doc: dict[str, Any]) -> bytes:
 def test_a_payload_off_the_canonical_form_gets_the_full_decoders_answer(
     reading: Reading, mutation: str
 ) -> None:
-    doc = json.loads(encode_reading(reading))
+    doc = json.loads(encode(reading))
     body = MUTATIONS[mutation](doc)
     fast = _agrees(body, _topic(reading))
     full = _full(body, _topic(reading))
@@ -191,7 +214,7 @@ def test_a_payload_off_the_canonical_form_gets_the_full_decoders_answer(
 @EXAMPLES
 @given(readings(), st.sampled_from(["sensors.a", "sensors.a.b.c", "status.a", "", "sensors..b"]))
 def test_a_wrong_routing_key_is_left_to_the_full_decoder(reading: Reading, key: str) -> None:
-    body = encode_reading(reading)
+    body = encode(reading)
     assert decode_reading_fast(body, key, now=NOW) is None
     assert isinstance(_full(body, key), str)
 
@@ -204,6 +227,31 @@ def test_the_fast_path_never_raises_and_never_disagrees(body: bytes, key: str) -
 
 def test_a_rejection_still_names_the_field_and_value() -> None:
     reading = Reading("pi-1", "t1", "ds18b20", 7, NOW, 20.5, None, False)
-    body = encode_reading(reading).replace(b"20.5", b"200.5")
+    body = encode(reading).replace(b"20.5", b"200.5")
     with pytest.raises(Rejected, match=r"temperature_c: 200\.5 is outside"):
         decode_reading(body, _topic(reading), now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("kind", "humidity", "pressure", "reason"),
+    [
+        ("bme280", None, 1100.5, "pressure_hpa: 1100.5 is outside 300..1100"),
+        ("bme280", 100.5, 1000.0, "humidity_pct: 100.5 is outside 0..100"),
+        ("dht22", None, 1013.25, "pressure_hpa: 1013.25 given for a dht22"),
+        ("cpu", 50.0, None, "humidity_pct: 50.0 given for a cpu"),
+    ],
+)
+def test_a_canonical_payload_with_a_bad_measure_is_left_to_the_full_decoder(
+    kind: str, humidity: float | None, pressure: float | None, reason: str
+) -> None:
+    """Canonical in form, so only the fast path's own range and kind checks stop it."""
+    doc: dict[str, Any] = json.loads(encode(Reading("pi-1", "t1", kind, 7, NOW, 20.5, None, False)))
+    if humidity is not None:
+        doc["humidity_pct"] = humidity
+    if pressure is not None:
+        doc["pressure_hpa"] = pressure
+    body = _dumps(doc)
+    assert decode_reading_fast(body, "sensors.pi-1.t1", now=NOW) is None
+    with pytest.raises(Rejected) as caught:
+        decode_reading(body, "sensors.pi-1.t1", now=NOW)
+    assert caught.value.reason.startswith(reason), caught.value.reason

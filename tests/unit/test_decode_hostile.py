@@ -30,16 +30,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.decode import (
-    KINDS,
     LEGACY_KIND,
     MAX_PAYLOAD_BYTES,
-    TEMPERATURE_RANGES,
     NodeStatus,
     Reading,
     decode_reading,
     decode_status,
 )
 from pipeline.errors import Rejected
+from tempmon_contract.kinds import KINDS, LEGACY, PRESSURE
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -197,18 +196,23 @@ def _check_safe_reading(reading: Reading, key: str) -> None:
     """What the decoder accepted can be written to PostgreSQL and routed by its key."""
     assert ID.fullmatch(reading.node), reading.node
     assert ID.fullmatch(reading.sensor), reading.sensor
-    assert reading.kind in KINDS | {LEGACY_KIND}
+    assert reading.kind in {*KINDS, LEGACY_KIND}
     if reading.kind != LEGACY_KIND:
         assert key == f"sensors.{reading.node}.{reading.sensor}"
     assert type(reading.seq) is int
     assert 0 <= reading.seq <= 2**63 - 1
-    low, high = TEMPERATURE_RANGES[reading.kind]
+    spec = LEGACY if reading.kind == LEGACY_KIND else KINDS[reading.kind]
+    low, high = spec.temperature
     assert type(reading.temperature_c) is float
     assert math.isfinite(reading.temperature_c)
     assert low <= reading.temperature_c <= high
     if reading.humidity_pct is not None:
         assert type(reading.humidity_pct) is float
         assert 0 <= reading.humidity_pct <= 100
+    if reading.pressure_hpa is not None:
+        assert PRESSURE.field in spec.measures
+        assert type(reading.pressure_hpa) is float
+        assert 300 <= reading.pressure_hpa <= 1100
 
 
 def _check_safe_status(status: NodeStatus, key: str) -> None:

@@ -4,7 +4,8 @@
   field before a colon, and is valid UTF-8 (it goes into a log line and an AMQP header).
 - What the decoder accepts satisfies the contract, and also validates against the JSON Schema
   (the decoder is never more lenient than the published schema).
-- Generated valid readings survive encode_reading -> decode_reading unchanged.
+- Generated valid readings survive the contract's encoder (reading_payload) -> decode_reading
+  unchanged.
 """
 
 from __future__ import annotations
@@ -22,18 +23,16 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from pipeline.decode import (
-    HUMIDITY_KINDS,
-    KINDS,
     LEGACY_KIND,
     MAX_PAYLOAD_BYTES,
-    TEMPERATURE_RANGES,
     NodeStatus,
     Reading,
     decode_reading,
     decode_status,
-    encode_reading,
 )
 from pipeline.errors import Rejected
+from tempmon_contract.kinds import HUMIDITY, KINDS, LEGACY, PRESSURE, TEMPERATURE
+from tempmon_contract.wire import reading_payload
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "gateway" / "schema"
@@ -84,22 +83,40 @@ routing_keys = (
 )
 
 
+def _wire_values(low: float, high: float, decimals: int) -> st.SearchStrategy[float]:
+    """Values at the wire's decimals: the contract's encoder rounds to them."""
+    return st.floats(min_value=low, max_value=high).map(lambda v: round(v, decimals))
+
+
+def _optional(draw: st.DrawFn, kind: str, field: str, decimals: int) -> float | None:
+    spec = KINDS[kind]
+    if field not in spec.measures:
+        return None
+    low, high = spec.range_of(field)
+    value: float | None = draw(st.none() | _wire_values(low, high, decimals))
+    return value
+
+
+def _spec(kind: str) -> Any:
+    return LEGACY if kind == LEGACY_KIND else KINDS[kind]
+
+
 @st.composite
 def readings(draw: st.DrawFn) -> Reading:
     kind = draw(st.sampled_from(sorted(KINDS)))
-    low, high = TEMPERATURE_RANGES[kind]
-    humidity = (
-        draw(st.none() | st.floats(min_value=0, max_value=100)) if kind in HUMIDITY_KINDS else None
-    )
+    low, high = KINDS[kind].temperature
+    humidity = _optional(draw, kind, HUMIDITY.field, HUMIDITY.decimals)
+    pressure = _optional(draw, kind, PRESSURE.field, PRESSURE.decimals)
     return Reading(
         node=draw(ids),
         sensor=draw(ids),
         kind=kind,
         seq=draw(st.integers(min_value=0, max_value=2**63 - 1)),
         ts=draw(times),
-        temperature_c=draw(st.floats(min_value=low, max_value=high)),
+        temperature_c=draw(_wire_values(low, high, TEMPERATURE.decimals)),
         humidity_pct=humidity,
         time_uncertain=draw(st.booleans()),
+        pressure_hpa=pressure,
     )
 
 
@@ -154,8 +171,12 @@ def statuses(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 
 
 def _v1_doc(reading: Reading) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(encode_reading(reading))
+    doc: dict[str, Any] = json.loads(_encode(reading))
     return doc
+
+
+def _encode(reading: Reading) -> bytes:
+    return reading_payload(**reading._asdict())
 
 
 @st.composite
@@ -169,7 +190,16 @@ def mutated(draw: st.DrawFn, doc: dict[str, Any]) -> dict[str, Any]:
         elif action == "replace" and doc:
             doc[draw(st.sampled_from(sorted(doc)))] = draw(json_values)
         else:
-            known = ["version", "humidity_pct", "time_uncertain", "temperatura", "id", "data", "ts"]
+            known = [
+                "version",
+                "humidity_pct",
+                "pressure_hpa",
+                "time_uncertain",
+                "temperatura",
+                "id",
+                "data",
+                "ts",
+            ]
             doc[draw(st.sampled_from(known) | st.text(max_size=10))] = draw(json_values)
     return doc
 
@@ -202,20 +232,25 @@ def _attempt(decoder: Callable[..., Reading | NodeStatus], body: bytes, key: str
 def _check_reading(reading: Reading, key: str) -> None:
     assert ID.fullmatch(reading.node)
     assert ID.fullmatch(reading.sensor)
-    assert reading.kind in KINDS | {LEGACY_KIND}
+    assert reading.kind in {*KINDS, LEGACY_KIND}
     if reading.kind != LEGACY_KIND:
         assert key == f"sensors.{reading.node}.{reading.sensor}"
     assert 0 <= reading.seq <= 2**63 - 1
     assert reading.ts.utcoffset() == timedelta(0)
     assert datetime(2000, 1, 1, tzinfo=UTC) <= reading.ts <= NOW + timedelta(seconds=300)
-    low, high = TEMPERATURE_RANGES[reading.kind]
+    spec = _spec(reading.kind)
+    low, high = spec.temperature
     assert type(reading.temperature_c) is float
     assert math.isfinite(reading.temperature_c)
     assert low <= reading.temperature_c <= high
-    if reading.humidity_pct is not None:
-        assert reading.kind in HUMIDITY_KINDS
-        assert type(reading.humidity_pct) is float
-        assert 0 <= reading.humidity_pct <= 100
+    for field, value in (
+        (HUMIDITY.field, reading.humidity_pct),
+        (PRESSURE.field, reading.pressure_hpa),
+    ):
+        if value is not None:
+            assert field in spec.measures
+            assert type(value) is float
+            assert spec.range_of(field)[0] <= value <= spec.range_of(field)[1]
     assert type(reading.time_uncertain) is bool
 
 
@@ -249,7 +284,7 @@ def test_arbitrary_json_is_only_ever_rejected(value: Any, key: str, ascii_only: 
 @FAST
 @given(reading=readings())
 def test_valid_readings_round_trip(reading: Reading) -> None:
-    body = encode_reading(reading)
+    body = _encode(reading)
     assert len(body) <= MAX_PAYLOAD_BYTES
     assert not list(READING_SCHEMA.iter_errors(json.loads(body)))
     key = f"sensors.{reading.node}.{reading.sensor}"
@@ -271,7 +306,7 @@ def test_mutated_readings_are_rejected_or_valid(
 @FAST
 @given(data=st.data(), reading=readings())
 def test_damaged_bytes_are_rejected_or_valid(data: st.DataObject, reading: Reading) -> None:
-    body = bytearray(encode_reading(reading))
+    body = bytearray(_encode(reading))
     for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
         position = data.draw(st.integers(min_value=0, max_value=len(body)))
         action = data.draw(st.sampled_from(["set", "insert", "delete"]))

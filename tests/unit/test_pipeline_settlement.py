@@ -4,6 +4,8 @@ A flood of unusable messages used to cost one publisher-confirm round trip each 
 channel waits for every confirm). Now the copies go out together and are confirmed later, so
 the one rule that matters is checked here: a ``basic_ack(multiple=True)`` never settles a
 delivery whose batch has not committed or whose dead-letter copy is not confirmed.
+The dead-letter copy's headers (pipeline.deadletters.copy_properties) and the fallback when the
+broker refuses a copy (DeadLetterPublisher.settle) are checked here too.
 The system tests (test_pipeline.py, test_hostile_input.py) run the same code against RabbitMQ.
 """
 
@@ -11,12 +13,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from pika.spec import Basic, BasicProperties
 
-from pipeline.consumer import Delivery, _DeadLetterPublisher, _Settlement
+from pipeline import __version__
+from pipeline.consumer import _Settlement
+from pipeline.deadletters import DeadLetterPublisher, Delivery, copy_properties
+from pipeline.origin import BrokerInfo, establish, signed_claim
+from tempmon_contract import deadletter
 
 
 def _delivery(tag: int, body: bytes = b"x") -> Delivery:
@@ -132,13 +139,13 @@ class _Frame:
         self.method = method
 
 
-def _publisher() -> tuple[_DeadLetterPublisher, _FakeImpl]:
+def _publisher() -> tuple[DeadLetterPublisher, _FakeImpl]:
     impl = _FakeImpl()
 
     class _Channel:
         _impl = impl
 
-    publisher = _DeadLetterPublisher(_Channel(), None, timeout_s=1)  # type: ignore[arg-type]
+    publisher = DeadLetterPublisher(_Channel(), None, timeout_s=1)  # type: ignore[arg-type]
     return publisher, impl
 
 
@@ -173,3 +180,95 @@ def test_a_returned_copy_is_a_failure_even_when_acknowledged() -> None:
     assert settled[2] is None
     assert settled[1] is not None
     assert "return" in settled[1]
+
+
+class _ConsumerChannel:
+    """The channel the originals were consumed on: records rejections."""
+
+    def __init__(self) -> None:
+        self.nacked: list[tuple[int, bool]] = []
+
+    def basic_nack(self, delivery_tag: int, requeue: bool) -> None:
+        self.nacked.append((delivery_tag, requeue))
+
+
+def test_settle_rejects_a_refused_copys_original_and_reports_the_rest_ready(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher, impl = _publisher()
+    publisher.dead_letter(
+        _delivery(4, b"a"), "temperature_c: 130.5 is outside", "readings.dead", key=None
+    )
+    publisher.dead_letter(_delivery(6, b"b"), "seq: missing", "readings.dead", key=None)
+    assert impl.on_confirm is not None
+    impl.on_confirm(_Frame(Basic.Nack(delivery_tag=1, multiple=False)))
+    impl.on_confirm(_Frame(Basic.Ack(delivery_tag=2, multiple=False)))
+    channel = _ConsumerChannel()
+    with caplog.at_level("ERROR"):
+        assert publisher.settle(channel) == [(4, False), (6, True)]  # type: ignore[arg-type]
+    assert channel.nacked == [(4, False)]  # rejected, not requeued: the queue's DLX keeps it
+    [record] = caplog.records
+    assert "rejecting instead" in record.getMessage()
+    assert "temperature_c: 130.5 is outside" in record.getMessage()  # the reason is not lost
+    assert publisher.settle(channel) == []  # type: ignore[arg-type]
+
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+KEY = b"k" * 32
+
+
+def test_a_copy_carries_the_reason_and_the_signed_origin() -> None:
+    original = BasicProperties(
+        content_type="application/json",
+        message_id="m-1",
+        headers={
+            "x-death": [{"queue": "readings"}],
+            "x-delivery-count": 3,
+            "mine": "kept",
+            deadletter.SIGNATURE_HEADER: "v1:forged:0",
+        },
+    )
+    delivery = Delivery(5, "readings", "sensors.pi-01.t1", original, b'{"x":1}')
+    copy = copy_properties(delivery, "seq: missing", key=KEY, now=NOW)
+    headers = copy.headers
+    assert headers is not None
+    assert headers["mine"] == "kept"
+    assert not headers.keys() & deadletter.BROKER_DEATH_HEADERS  # a publisher's, never carried
+    assert headers[deadletter.REASON_HEADER] == "seq: missing"
+    assert headers[deadletter.ROUTING_KEY_HEADER] == "sensors.pi-01.t1"
+    assert headers[deadletter.QUEUE_HEADER] == "readings"
+    assert headers[deadletter.REJECTED_AT_HEADER] == "2025-06-01T12:00:00.000+00:00"
+    assert headers[deadletter.REJECTED_BY_HEADER] == f"pipeline {__version__}"
+    assert (copy.delivery_mode, copy.message_id, copy.content_type) == (
+        2,
+        "m-1",
+        "application/json",
+    )
+    # The new signature (not the forged one) proves the origin to `pipeline dead list`.
+    assert signed_claim(KEY, headers, delivery.body) == ("sensors.pi-01.t1", "readings")
+    origin = establish(
+        headers,
+        delivery.body,
+        key=KEY,
+        broker=BrokerInfo("RabbitMQ", "4.0.5"),
+        source_queue="readings",
+    )
+    assert origin.source == "signed"
+
+
+def test_a_refused_replays_copy_stays_unsigned_and_gets_a_message_id() -> None:
+    delivery = Delivery(
+        5,
+        "readings",
+        "sensors.pi-01.t1",
+        BasicProperties(),
+        b"body",
+        refused="x-original-routing-key: 'sensors.pi-02.t1' is not proved",
+    )
+    copy = copy_properties(delivery, delivery.refused or "", key=KEY, now=NOW)
+    assert copy.headers is not None
+    assert deadletter.SIGNATURE_HEADER not in copy.headers
+    assert signed_claim(KEY, copy.headers, delivery.body) is None
+    assert copy.message_id is not None
+    assert len(copy.message_id) == 32  # the body's hash stands in for a missing id
+    assert copy_properties(delivery, "r", key=None, now=NOW).message_id == copy.message_id

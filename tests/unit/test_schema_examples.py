@@ -20,6 +20,7 @@ from jsonschema import Draft202012Validator
 
 from pipeline.decode import NodeStatus, Reading, decode_reading, decode_status
 from pipeline.errors import Rejected
+from tempmon_contract.kinds import KINDS, OPTIONAL_QUANTITIES
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "gateway" / "schema"
 EXAMPLES_DIR = SCHEMA_DIR / "examples"
@@ -214,11 +215,12 @@ def test_invalid_examples_cover_every_field() -> None:
 def test_valid_examples_cover_every_kind_and_option() -> None:
     cases = _load(EXAMPLES_DIR / "reading.v1.valid.json")["cases"]
     payloads = [case["payload"] for case in cases]
-    assert {payload["kind"] for payload in payloads} == {"ds18b20", "dht22", "cpu", "simulated"}
-    assert any(payload.get("humidity_pct") is not None for payload in payloads)
-    assert any(
-        "humidity_pct" in payload and payload["humidity_pct"] is None for payload in payloads
-    )
+    assert {payload["kind"] for payload in payloads} == set(KINDS)
+    for quantity in OPTIONAL_QUANTITIES:
+        assert any(payload.get(quantity.field) is not None for payload in payloads)
+        assert any(
+            quantity.field in payload and payload[quantity.field] is None for payload in payloads
+        )
     assert any(payload.get("time_uncertain") is True for payload in payloads)
     legacy = [case["payload"] for case in _load(EXAMPLES_DIR / "legacy.valid.json")["cases"]]
     assert {type(payload["id"]) for payload in legacy} == {int, str}

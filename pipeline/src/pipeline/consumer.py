@@ -7,10 +7,11 @@ Two threads share the work so that the database round trip overlaps the broker's
   size or age, whichever comes first) and, when a batch has committed, acknowledges it with one
   ``basic_ack(multiple=True)``;
 * dead-letter copies are published with publisher confirms, but without waiting for each
-  confirm: the copies of a loop turn go out together, and the broker's confirms (one frame can
-  confirm many) settle them. A delivery is acknowledged only once its copy is confirmed, and a
-  multiple ack never reaches past a delivery that is not settled yet (:class:`_Settlement`), so a
-  flood of unusable messages costs the consumer about what decoding them costs;
+  confirm (pipeline.deadletters.DeadLetterPublisher): the copies of a loop turn go out
+  together, and the broker's confirms (one frame can confirm many) settle them. A delivery is
+  acknowledged only once its copy is confirmed, and a multiple ack never reaches past a
+  delivery that is not settled yet (:class:`_Settlement`), so a flood of unusable messages
+  costs the consumer about what decoding them costs;
 * the writer thread commits batches in order, one transaction each, and retries a batch while
   the database is unreachable: nothing is acknowledged meanwhile, so the broker keeps the
   messages and stops sending once the prefetch window is full.
@@ -25,46 +26,34 @@ another (pipeline.brokers); what the lost session had not acknowledged is redeli
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import logging
 import queue
-import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
 
 import pika
-import pika.channel
 import pika.exceptions
 import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from pipeline import __version__
 from pipeline.brokers import connect
 from pipeline.config import ConsumerSettings, redact
+from pipeline.deadletters import DeadLetterPublisher, Delivery
 from pipeline.decode import NodeStatus, Reading, decode_reading, decode_status
-from pipeline.errors import PipelineError, Rejected
+from pipeline.errors import Rejected, SessionBrokenError
 from pipeline.metrics import BROKER_UP, DATABASE_UP, Metrics
-from pipeline.origin import (
-    BROKER_DEATH_HEADERS,
-    QUEUE_HEADER,
-    REASON_HEADER,
-    REJECTED_AT_HEADER,
-    REJECTED_BY_HEADER,
-    ROUTING_KEY_HEADER,
-    SIGNATURE_HEADER,
-    sign,
-    signed_claim,
-    unsigned_claim_reason,
-)
+from pipeline.origin import signed_claim, unsigned_claim_reason
 from pipeline.store import BatchResult, Store
+from tempmon_contract.deadletter import ROUTING_KEY_HEADER
+from tempmon_contract.retry import Backoff
 
 __all__ = [
     "Backoff",
@@ -92,29 +81,8 @@ _AMQP_ERRORS: tuple[type[BaseException], ...] = (
 _SHUTDOWN_GRACE_S = 25.0
 
 
-class SessionBrokenError(PipelineError, RuntimeError):
-    """The session cannot go on safely; it ends so that its deliveries are redelivered."""
-
-
 # Everything that ends a session and sends the outer loop to reconnect.
 _SESSION_ENDED: tuple[type[BaseException], ...] = (*_AMQP_ERRORS, SessionBrokenError)
-
-
-class Backoff:
-    """Capped, jittered exponential back-off that resets after a healthy run."""
-
-    def __init__(self, initial: float = 0.5, cap: float = 30.0) -> None:
-        self.initial = initial
-        self.cap = cap
-        self._next = initial
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self.cap, self._next * 2)
-        return random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not cryptography
-
-    def reset(self) -> None:
-        self._next = self.initial
 
 
 class Reconnects:
@@ -132,7 +100,7 @@ class Reconnects:
 
     def __init__(self, nodes: int, backoff: Backoff | None = None) -> None:
         self._nodes = nodes
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff or Backoff(0.5, 30.0)
         self.attempt = 0  # back-off waits since the last healthy session
         self.failovers = 0  # immediate reconnects since the last healthy session
         self.lost: str | None = None  # the node the last session was on: tried last
@@ -155,28 +123,6 @@ class Reconnects:
             return None
         self.attempt += 1
         return self._backoff.next()
-
-
-class Delivery(NamedTuple):
-    """What the consumer keeps of a delivery (a tuple: it is made once per message).
-
-    ``routing_key`` is the key the message was published under, as far as the pipeline can
-    prove it; ``refused`` is set (to the reject reason) when a message put back into the queue
-    claims an original routing key that is not proved (pipeline.origin).
-    """
-
-    tag: int
-    queue: str
-    routing_key: str
-    properties: BasicProperties
-    body: bytes
-    refused: str | None = None
-
-
-# Headers a dead-letter copy does not take over from the delivery: the broker's dead-letter
-# record (a delivery from `readings` never carries a real one: only a publisher can have written
-# it) and the pipeline's own claims, which the copy sets afresh.
-_COPY_DROP: Final = BROKER_DEATH_HEADERS | {SIGNATURE_HEADER}
 
 
 @dataclass
@@ -398,93 +344,6 @@ class _Settlement:
         return bound
 
 
-class _DeadLetterPublisher:
-    """Publishes dead-letter copies in confirm mode without waiting for each confirm.
-
-    pika's BlockingChannel waits for the confirm of every publish in confirm mode: one round
-    trip (and the quorum queue's commit) per unusable message. This drives the channel's
-    underlying pika Channel instead, as pika's own asynchronous adapters do: publishes go out
-    at once, and the broker's Basic.Ack/Nack frames (one may confirm many) are collected by the
-    callbacks and handed out by :meth:`settled` on the session's thread, where the originals
-    are then acknowledged or rejected. A copy the broker returns (mandatory, no queue to route
-    to) or nacks is a failure.
-    """
-
-    def __init__(
-        self, channel: BlockingChannel, connection: pika.BlockingConnection, *, timeout_s: float
-    ) -> None:
-        # The blocking channel's underlying channel (see the class docstring).
-        impl: pika.channel.Channel = getattr(channel, "_impl")  # noqa: B009
-        self._impl = impl
-        self._sent = 0
-        # publish number -> (original delivery, the copy's message id); in publish order
-        self._pending: dict[int, tuple[Delivery, str | None]] = {}
-        self._returned: list[tuple[str | None, bytes]] = []
-        self._confirms: list[tuple[bool, int, bool]] = []  # (ack, publish number, multiple)
-        selected: list[bool] = []
-        impl.add_on_return_callback(self._on_return)
-        impl.confirm_delivery(
-            ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True)
-        )
-        deadline = time.monotonic() + timeout_s
-        while not selected:
-            if time.monotonic() > deadline:
-                raise SessionBrokenError("the broker did not turn on publisher confirms")
-            connection.process_data_events(time_limit=0.05)  # type: ignore[arg-type]
-
-    @property
-    def outstanding(self) -> int:
-        return len(self._pending)
-
-    def publish(self, delivery: Delivery, queue_name: str, properties: BasicProperties) -> None:
-        self._impl.basic_publish("", queue_name, delivery.body, properties, mandatory=True)
-        self._sent += 1
-        self._pending[self._sent] = (delivery, properties.message_id)
-
-    def _on_return(
-        self,
-        _channel: pika.channel.Channel,
-        _method: Basic.Return,
-        properties: BasicProperties,
-        body: bytes,
-    ) -> None:
-        self._returned.append((properties.message_id, body))
-
-    def _on_confirm(self, frame: pika.frame.Method) -> None:  # type: ignore[type-arg]
-        method = frame.method
-        self._confirms.append(
-            (
-                isinstance(method, Basic.Ack),
-                int(method.delivery_tag or 0),
-                bool(method.multiple),
-            )
-        )
-
-    def settled(self) -> list[tuple[Delivery, str | None]]:
-        """Copies confirmed since the last call: (original, None) or (original, why it failed)."""
-        if not self._confirms:
-            return []
-        confirms, self._confirms = self._confirms, []
-        done: list[tuple[Delivery, str | None]] = []
-        for ack, number, multiple in confirms:
-            if multiple:
-                numbers = []
-                for n in self._pending:
-                    if n > number:
-                        break
-                    numbers.append(n)
-            else:
-                numbers = [number] if number in self._pending else []
-            for n in numbers:
-                delivery, message_id = self._pending.pop(n)
-                failure = None if ack else "the broker refused the copy (basic.nack)"
-                if (message_id, delivery.body) in self._returned:
-                    self._returned.remove((message_id, delivery.body))
-                    failure = "the dead-letter queue does not exist (basic.return)"
-                done.append((delivery, failure))
-        return done
-
-
 class Session:
     """One AMQP connection consuming the readings and node-status queues.
 
@@ -513,7 +372,7 @@ class Session:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._dead_channel: BlockingChannel | None = None
-        self._dead: _DeadLetterPublisher | None = None
+        self._dead: DeadLetterPublisher | None = None
         self._batch: Batch | None = None
         self._batches: deque[Batch] = deque()  # handed to the writer, not yet acknowledged
         self._rejected: list[tuple[Delivery, str]] = []  # to dead-letter this turn
@@ -539,7 +398,7 @@ class Session:
             self._channel = self._connection.channel()
             self._channel.basic_qos(prefetch_count=self._settings.prefetch)
             self._dead_channel = self._connection.channel()
-            self._dead = _DeadLetterPublisher(self._dead_channel, self._connection, timeout_s=30)
+            self._dead = DeadLetterPublisher(self._dead_channel, self._connection, timeout_s=30)
             s = self._settings
             self._channel.basic_consume(s.readings_queue, self._on_reading)
             self._channel.basic_consume(s.status_queue, self._on_status)
@@ -724,10 +583,8 @@ class Session:
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish a copy into the dead-letter queue with the reason (confirmed later).
 
-        When the broker confirms the copy, :meth:`_apply_confirms` acknowledges the delivery.
-        If the copy cannot be queued, the delivery is rejected instead
-        (``basic_nack(requeue=False)``), so the queue's dead-letter policy still keeps it (with
-        ``x-death`` but without the reason, which is logged).
+        When the broker confirms the copy, :meth:`_apply_confirms` acknowledges the delivery;
+        if it refuses it, the delivery is rejected instead (pipeline.deadletters).
         """
         dead = self._dead
         assert dead is not None  # noqa: S101 - set up before any delivery
@@ -736,61 +593,18 @@ class Session:
             if delivery.queue == self._settings.status_queue
             else self._settings.dead_queue
         )
-        props = delivery.properties
-        headers: dict[str, Any] = {
-            k: v for k, v in (props.headers or {}).items() if k not in _COPY_DROP
-        }
-        rejected_at = datetime.now(UTC).isoformat(timespec="milliseconds")
-        headers.update(
-            {
-                REASON_HEADER: reason,
-                ROUTING_KEY_HEADER: delivery.routing_key,
-                QUEUE_HEADER: delivery.queue,
-                REJECTED_AT_HEADER: rejected_at,
-                REJECTED_BY_HEADER: f"pipeline {__version__}",
-            }
-        )
-        key = self._settings.dead_letter_key
-        if key is not None and delivery.refused is None:
-            # Signed only when the routing key is the one the message was published under;
-            # a refused replay's copy stays unsigned, so it is never replayed under any key.
-            headers[SIGNATURE_HEADER] = sign(
-                key,
-                routing_key=delivery.routing_key,
-                queue=delivery.queue,
-                body=delivery.body,
-                reason=reason,
-                rejected_at=rejected_at,
-            )
-        copy = BasicProperties(
-            content_type=props.content_type,
-            content_encoding=props.content_encoding,
-            delivery_mode=2,  # persistent
-            message_id=props.message_id or hashlib.sha256(delivery.body).hexdigest()[:32],
-            timestamp=props.timestamp,
-            headers=headers,
-        )
         self._metrics.on_rejected(delivery.queue)
-        dead.publish(delivery, dead_queue, copy)
+        dead.dead_letter(delivery, reason, dead_queue, key=self._settings.dead_letter_key)
 
     def _apply_confirms(self) -> None:
         """Settle the deliveries whose copies the broker confirmed (or refused) meanwhile."""
         if self._dead is None:
             return
-        settled = self._dead.settled()
+        settled = self._dead.settle(self._chan)
         if not settled:
             return
-        for delivery, failure in settled:
-            if failure is None:
-                self._settlement.release(delivery.tag, ready=True)
-                continue
-            log.error(
-                "dead-letter copy refused, rejecting instead queue=%s error=%s",
-                delivery.queue,
-                failure,
-            )
-            self._chan.basic_nack(delivery.tag, requeue=False)
-            self._settlement.release(delivery.tag, ready=False)
+        for tag, ready in settled:
+            self._settlement.release(tag, ready=ready)
         self._ack_ready()
 
     def _ack_ready(self) -> None:

@@ -1,4 +1,11 @@
-"""`pipeline dead list` and `pipeline dead replay`: look at dead letters, and re-drive them.
+"""Dead letters: the consumer's copies of what it cannot use, and `pipeline dead list` / `pipeline
+dead replay`, which look at them and re-drive them.
+
+The consumer hands each delivery it cannot use to :class:`DeadLetterPublisher`, which publishes
+a copy into the dead-letter queue with the reason and the pipeline's signed claims
+(:func:`copy_properties`, header names from :mod:`tempmon_contract.deadletter`), in confirm
+mode without waiting for each confirm; when the broker refuses a copy the delivery is rejected
+instead (:meth:`DeadLetterPublisher.settle`), so the queue's dead-letter policy still keeps it.
 
 A dead letter is either a copy the consumer made with its reason (``x-reject-reason``) or a
 message the broker dead-lettered by policy (``x-death``: rejected, expired, delivery limit
@@ -17,32 +24,49 @@ another node's id.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import pika
+import pika.channel
+import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.spec import BasicProperties
+from pika.spec import Basic, BasicProperties
 
+from pipeline import __version__
 from pipeline.brokers import connect
 from pipeline.decode import decode_reading, decode_status
-from pipeline.errors import ConfigError, Rejected
-from pipeline.origin import (
+from pipeline.errors import ConfigError, Rejected, SessionBrokenError
+from pipeline.origin import BrokerInfo, establish, sign
+from tempmon_contract.deadletter import (
     BROKER_DEATH_HEADERS,
     QUEUE_HEADER,
     REASON_HEADER,
     REJECTED_AT_HEADER,
     REJECTED_BY_HEADER,
+    REPLAYED_HEADER,
     ROUTING_KEY_HEADER,
     SIGNATURE_HEADER,
-    BrokerInfo,
-    establish,
-    sign,
 )
 
-__all__ = ["DeadLetter", "ReplayResult", "describe", "list_dead", "replay_dead", "source_queue"]
+__all__ = [
+    "DeadLetter",
+    "DeadLetterPublisher",
+    "Delivery",
+    "ReplayResult",
+    "copy_properties",
+    "describe",
+    "list_dead",
+    "replay_dead",
+    "source_queue",
+]
+
+log = logging.getLogger(__name__)
 
 _DEAD_SUFFIX: Final = ".dead"
 # What a replay does not carry back: the reason and the broker's record belong to this death,
@@ -57,6 +81,199 @@ _REPLAY_DROP: Final = BROKER_DEATH_HEADERS | {
 }
 _PREVIEW_BYTES: Final = 160
 _CLAIM_MAX: Final = 120
+# Headers a dead-letter copy does not take over from the delivery: the broker's dead-letter
+# record (a delivery from `readings` never carries a real one: only a publisher can have written
+# it) and the pipeline's own claims, which the copy sets afresh.
+_COPY_DROP: Final = BROKER_DEATH_HEADERS | {SIGNATURE_HEADER}
+
+
+# --- the consumer's copies ---------------------------------------------------------------------
+
+
+class Delivery(NamedTuple):
+    """What the consumer keeps of a delivery (a tuple: it is made once per message).
+
+    ``routing_key`` is the key the message was published under, as far as the pipeline can
+    prove it; ``refused`` is set (to the reject reason) when a message put back into the queue
+    claims an original routing key that is not proved (pipeline.origin).
+    """
+
+    tag: int
+    queue: str
+    routing_key: str
+    properties: BasicProperties
+    body: bytes
+    refused: str | None = None
+
+
+def copy_properties(
+    delivery: Delivery, reason: str, *, key: bytes | None, now: datetime | None = None
+) -> BasicProperties:
+    """The properties of a delivery's dead-letter copy: its own headers, less the broker's
+    dead-letter record and any signature, plus the reason, the original routing key and
+    queue, when and by which program, and (with a ``key``) the pipeline's signature over them.
+
+    A refused delivery's copy (a replay whose claim did not verify) stays unsigned, so it is
+    never replayed under any key. ``now`` is for tests; the copy is stamped with the clock.
+    """
+    props = delivery.properties
+    headers: dict[str, Any] = {
+        k: v for k, v in (props.headers or {}).items() if k not in _COPY_DROP
+    }
+    rejected_at = (now or datetime.now(UTC)).isoformat(timespec="milliseconds")
+    headers.update(
+        {
+            REASON_HEADER: reason,
+            ROUTING_KEY_HEADER: delivery.routing_key,
+            QUEUE_HEADER: delivery.queue,
+            REJECTED_AT_HEADER: rejected_at,
+            REJECTED_BY_HEADER: f"pipeline {__version__}",
+        }
+    )
+    if key is not None and delivery.refused is None:
+        # Signed only when the routing key is the one the message was published under.
+        headers[SIGNATURE_HEADER] = sign(
+            key,
+            routing_key=delivery.routing_key,
+            queue=delivery.queue,
+            body=delivery.body,
+            reason=reason,
+            rejected_at=rejected_at,
+        )
+    return BasicProperties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        delivery_mode=2,  # persistent
+        message_id=props.message_id or hashlib.sha256(delivery.body).hexdigest()[:32],
+        timestamp=props.timestamp,
+        headers=headers,
+    )
+
+
+class DeadLetterPublisher:
+    """Publishes dead-letter copies in confirm mode without waiting for each confirm.
+
+    pika's BlockingChannel waits for the confirm of every publish in confirm mode: one round
+    trip (and the quorum queue's commit) per unusable message. This drives the channel's
+    underlying pika Channel instead, as pika's own asynchronous adapters do: publishes go out
+    at once, and the broker's Basic.Ack/Nack frames (one may confirm many) are collected by the
+    callbacks and handed out by :meth:`settled` on the session's thread, where the originals
+    are then acknowledged or rejected (:meth:`settle`). A copy the broker returns (mandatory, no
+    queue to route to) or nacks is a failure.
+
+    Raises:
+        SessionBrokenError: confirms were not turned on within ``timeout_s``.
+    """
+
+    def __init__(
+        self, channel: BlockingChannel, connection: pika.BlockingConnection, *, timeout_s: float
+    ) -> None:
+        # The blocking channel's underlying channel (see the class docstring).
+        impl: pika.channel.Channel = getattr(channel, "_impl")  # noqa: B009
+        self._impl = impl
+        self._sent = 0
+        # publish number -> (original delivery, the copy's message id, the reason it carries);
+        # in publish order
+        self._pending: dict[int, tuple[Delivery, str | None, object]] = {}
+        self._returned: list[tuple[str | None, bytes]] = []
+        self._confirms: list[tuple[bool, int, bool]] = []  # (ack, publish number, multiple)
+        selected: list[bool] = []
+        impl.add_on_return_callback(self._on_return)
+        impl.confirm_delivery(
+            ack_nack_callback=self._on_confirm, callback=lambda _frame: selected.append(True)
+        )
+        deadline = time.monotonic() + timeout_s
+        while not selected:
+            if time.monotonic() > deadline:
+                raise SessionBrokenError("the broker did not turn on publisher confirms")
+            connection.process_data_events(time_limit=0.05)  # type: ignore[arg-type]
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
+
+    def dead_letter(
+        self, delivery: Delivery, reason: str, dead_queue: str, *, key: bytes | None
+    ) -> None:
+        """Publish the delivery's copy (:func:`copy_properties`) into ``dead_queue``; its
+        confirm comes later (:meth:`settle`)."""
+        self.publish(delivery, dead_queue, copy_properties(delivery, reason, key=key))
+
+    def publish(self, delivery: Delivery, queue_name: str, properties: BasicProperties) -> None:
+        self._impl.basic_publish("", queue_name, delivery.body, properties, mandatory=True)
+        self._sent += 1
+        reason = (properties.headers or {}).get(REASON_HEADER)
+        self._pending[self._sent] = (delivery, properties.message_id, reason)
+
+    def _on_return(
+        self,
+        _channel: pika.channel.Channel,
+        _method: Basic.Return,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._returned.append((properties.message_id, body))
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:  # type: ignore[type-arg]
+        method = frame.method
+        self._confirms.append(
+            (
+                isinstance(method, Basic.Ack),
+                int(method.delivery_tag or 0),
+                bool(method.multiple),
+            )
+        )
+
+    def settled(self) -> list[tuple[Delivery, str | None]]:
+        """Copies confirmed since the last call: (original, None) or (original, why it failed)."""
+        return [(delivery, failure) for delivery, failure, _ in self._settled()]
+
+    def _settled(self) -> list[tuple[Delivery, str | None, object]]:
+        if not self._confirms:
+            return []
+        confirms, self._confirms = self._confirms, []
+        done: list[tuple[Delivery, str | None, object]] = []
+        for ack, number, multiple in confirms:
+            if multiple:
+                numbers = []
+                for n in self._pending:
+                    if n > number:
+                        break
+                    numbers.append(n)
+            else:
+                numbers = [number] if number in self._pending else []
+            for n in numbers:
+                delivery, message_id, reason = self._pending.pop(n)
+                failure = None if ack else "the broker refused the copy (basic.nack)"
+                if (message_id, delivery.body) in self._returned:
+                    self._returned.remove((message_id, delivery.body))
+                    failure = "the dead-letter queue does not exist (basic.return)"
+                done.append((delivery, failure, reason))
+        return done
+
+    def settle(self, channel: BlockingChannel) -> list[tuple[int, bool]]:
+        """Settle the copies confirmed (or refused) since the last call.
+
+        A delivery whose copy the broker refused is rejected on ``channel`` (the one it was
+        consumed on) with ``basic_nack(requeue=False)`` instead, so the queue's dead-letter
+        policy still keeps it (with ``x-death`` but without the reason, which is logged).
+
+        Returns:
+            ``(delivery tag, ready)`` per settled delivery: ready to be acknowledged (its copy
+            is confirmed), or not (it was rejected here).
+        """
+        done: list[tuple[int, bool]] = []
+        for delivery, failure, reason in self._settled():
+            if failure is not None:
+                log.error(
+                    "dead-letter copy refused, rejecting instead queue=%s error=%s reason=%s",
+                    delivery.queue,
+                    failure,
+                    _text(reason, 200),
+                )
+                channel.basic_nack(delivery.tag, requeue=False)
+            done.append((delivery.tag, failure is None))
+        return done
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +493,7 @@ def replay_dead(
             headers = {k: v for k, v in dict(props.headers or {}).items() if k not in _REPLAY_DROP}
             headers[ROUTING_KEY_HEADER] = dead.routing_key
             headers[QUEUE_HEADER] = target
-            headers["x-replayed"] = _count(headers.get("x-replayed")) + 1
+            headers[REPLAYED_HEADER] = _count(headers.get(REPLAYED_HEADER)) + 1
             headers[SIGNATURE_HEADER] = sign(
                 key, routing_key=dead.routing_key, queue=target, body=body
             )

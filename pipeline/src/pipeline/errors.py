@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "MigrationError", "PipelineError", "Rejected"]
+__all__ = ["ConfigError", "MigrationError", "PipelineError", "Rejected", "SessionBrokenError"]
 
 
 class PipelineError(Exception):
@@ -27,3 +27,7 @@ class Rejected(PipelineError, ValueError):  # noqa: N818 - names the outcome, as
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class SessionBrokenError(PipelineError, RuntimeError):
+    """A consumer session cannot go on safely; it ends so that its deliveries are redelivered."""

@@ -41,15 +41,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from tempmon_contract.deadletter import (
+    QUEUE_HEADER,
+    REASON_HEADER,
+    REJECTED_AT_HEADER,
+    REJECTED_BY_HEADER,
+    ROUTING_KEY_HEADER,
+    SIGNATURE_HEADER,
+)
+
 __all__ = [
-    "BROKER_DEATH_HEADERS",
     "NODE_EXCHANGE",
-    "QUEUE_HEADER",
-    "REASON_HEADER",
-    "REJECTED_AT_HEADER",
-    "REJECTED_BY_HEADER",
-    "ROUTING_KEY_HEADER",
-    "SIGNATURE_HEADER",
     "BrokerInfo",
     "Origin",
     "derive_key",
@@ -59,28 +61,6 @@ __all__ = [
     "signed_claim",
     "unsigned_claim_reason",
 ]
-
-ROUTING_KEY_HEADER: Final = "x-original-routing-key"
-QUEUE_HEADER: Final = "x-original-queue"
-REASON_HEADER: Final = "x-reject-reason"
-REJECTED_AT_HEADER: Final = "x-rejected-at"
-REJECTED_BY_HEADER: Final = "x-rejected-by"
-SIGNATURE_HEADER: Final = "x-pipeline-signature"
-BROKER_DEATH_HEADERS: Final = frozenset(
-    {
-        "x-death",
-        "x-first-death-exchange",
-        "x-first-death-queue",
-        "x-first-death-reason",
-        "x-last-death-exchange",
-        "x-last-death-queue",
-        "x-last-death-reason",
-        "x-delivery-count",
-    }
-)
-"""The headers with which the broker records a message's deaths and deliveries. A copy or a
-replay never carries them over: on a delivery from a node's queue only a publisher can have
-written them, and a replay's next death is a new record."""
 
 NODE_EXCHANGE: Final = "amq.topic"
 """The exchange the nodes publish to (``mqtt.exchange`` in gateway/rabbitmq/rabbitmq.conf): only
