@@ -173,3 +173,52 @@ def test_a_conflict_does_not_hold_back_the_statuses_or_other_rows(
     assert (result.inserted, result.conflicts, result.statuses) == (1, 1, 1)
     with psycopg.connect(database.owner_url) as conn:
         assert conn.execute("SELECT state FROM nodes").fetchall() == [("online",)]
+
+
+# --- Pressure (the BME280): content like humidity ------------------------------------------------
+
+
+def _bme280(seq: int, **changes: Any) -> Reading:
+    return _reading(seq, kind="bme280", pressure_hpa=1013.25)._replace(**changes)
+
+
+def test_a_redelivered_bme280_batch_is_all_duplicates(engine: Engine, database: Database) -> None:
+    store = Store(engine)
+    batch = [_bme280(seq) for seq in range(20)] + [_bme280(20, pressure_hpa=None)]
+    assert store.write(batch) == BatchResult(inserted=21, duplicates=0, statuses=0)
+    assert store.write(batch) == BatchResult(inserted=0, duplicates=21, statuses=0)
+    with psycopg.connect(database.owner_url) as conn:
+        assert conn.execute(
+            "SELECT count(*), count(pressure_hpa), sum(pressure_hpa) FROM readings"
+        ).fetchone() == (21, 20, 20 * 1013.25)
+        assert conn.execute("SELECT sum(n), sum(n_p) FROM readings_minute").fetchone() == (21, 20)
+
+
+@pytest.mark.parametrize(
+    ("stored", "new"),
+    [
+        pytest.param(1013.25, 1013.5, id="other-value"),
+        pytest.param(1013.25, None, id="now-null"),
+        pytest.param(None, 1013.25, id="was-null"),
+    ],
+)
+def test_a_reused_sequence_number_with_other_pressure_is_a_conflict(
+    engine: Engine, database: Database, stored: float | None, new: float | None
+) -> None:
+    store = Store(engine)
+    store.write([_bme280(7, pressure_hpa=stored)])
+    result = store.write([_bme280(7, pressure_hpa=new), _bme280(8)])
+    assert (result.inserted, result.duplicates, result.conflicts) == (1, 0, 1)
+    ((index, reason),) = result.refused
+    assert index == 0
+    shown = {None: "null"}
+    stored_part, new_part = reason.split("; stored ")[1].split("; this message ")
+    assert f"pressure_hpa={shown.get(stored, stored)}" in stored_part
+    assert f"pressure_hpa={shown.get(new, new)}" in new_part
+    assert "humidity_pct" not in reason  # the same in both: not shown
+    with psycopg.connect(database.owner_url) as conn:
+        assert conn.execute("SELECT seq, pressure_hpa FROM readings ORDER BY seq").fetchall() == [
+            (7, stored),
+            (8, 1013.25),
+        ]
+    assert _rolled_up(database) == 2

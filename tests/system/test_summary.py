@@ -247,6 +247,20 @@ def test_summary_cli_prints_table_and_json(database: Database) -> None:
     rng = random.Random(2)
     Store(make_engine(database.writer_url)).write(
         [_reading("pi-a", "h1", n, now - timedelta(minutes=n), rng) for n in range(1, 30)]
+        + [
+            Reading(
+                "pi-b",
+                "hall",
+                "bme280",
+                n,
+                now - timedelta(minutes=n),
+                21.0,
+                40.0,
+                False,
+                pressure_hpa=1000.0 + n,
+            )
+            for n in range(1, 4)
+        ]
     )
     env = {**os.environ, "DATABASE_URL": database.reader_url}
     table = subprocess.run(
@@ -258,8 +272,11 @@ def test_summary_cli_prints_table_and_json(database: Database) -> None:
         timeout=60,
     ).stdout
     assert table.splitlines()[0].split()[:4] == ["node", "sensor", "kind", "n"]
+    assert "avg hPa" in table.splitlines()[0]
     assert "pi-a" in table
     assert " 29 " in table
+    (hall,) = [line for line in table.splitlines() if line.startswith("pi-b")]
+    assert "1002.0" in hall.split()  # the mean of 1001, 1002 and 1003 hPa
     rows = json.loads(
         subprocess.run(
             [sys.executable, "-m", "pipeline", "summary", "--json"],
@@ -273,6 +290,9 @@ def test_summary_cli_prints_table_and_json(database: Database) -> None:
     assert rows[0]["readings"] == 29
     assert rows[0]["kind"] == "dht22"
     assert rows[0]["avg_humidity_pct"] is not None
+    assert rows[0]["avg_pressure_hpa"] is None
+    assert (rows[1]["kind"], rows[1]["readings"]) == ("bme280", 3)
+    assert (rows[1]["min_pressure_hpa"], rows[1]["max_pressure_hpa"]) == (1001.0, 1003.0)
 
 
 def test_writer_cannot_tamper_with_summary_tables_beyond_upserts(database: Database) -> None:
@@ -292,3 +312,130 @@ def test_writer_cannot_tamper_with_summary_tables_beyond_upserts(database: Datab
         conn.execute("SELECT * FROM sensor_latest")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("UPDATE nodes SET state = 'offline'")
+
+
+# --- Air pressure (the BME280): rolled up and summarised like humidity --------------------------
+
+_RAW_PRESSURE = """
+SELECT node, sensor, max(kind), count(*), count(pressure_hpa), sum(pressure_hpa),
+       min(pressure_hpa), max(pressure_hpa)
+  FROM readings
+ WHERE ts > %(t0)s AND ts <= %(t1)s
+ GROUP BY node, sensor ORDER BY node, sensor
+"""
+_FUNCTION_PRESSURE = """
+SELECT node, sensor, kind, readings, avg_pressure_hpa, min_pressure_hpa, max_pressure_hpa, exact
+  FROM sensor_summary(%(t0)s, %(t1)s) ORDER BY node, sensor
+"""
+
+
+def _weather(sensor: str, seq: int, ts: datetime, rng: random.Random) -> Reading:
+    """b1: a BME280 with pressure; b2: a BME280 that sometimes sent none; h1: a DHT22."""
+    kind = "dht22" if sensor == "h1" else "bme280"
+    pressure = (
+        None if sensor == "h1" or (sensor == "b2" and seq % 3 == 0) else rng.uniform(950, 1050)
+    )
+    return Reading(
+        node="pi-p",
+        sensor=sensor,
+        kind=kind,
+        seq=seq,
+        ts=ts,
+        temperature_c=round(rng.uniform(-10, 40), 4),
+        humidity_pct=round(rng.uniform(0, 100), 3),
+        time_uncertain=False,
+        pressure_hpa=None if pressure is None else round(pressure, 3),
+    )
+
+
+def test_pressure_is_rolled_up_and_summarised_for_any_window(database: Database) -> None:
+    rng = random.Random(17)
+    base = (datetime.now(UTC) - timedelta(days=1)).replace(
+        hour=12, minute=0, second=0, microsecond=0
+    )
+    readings: list[Reading] = []
+    seq = 0
+    for sensor in ("b1", "b2", "h1"):
+        for s in range(0, 3 * 3600, 11):
+            seq += 1
+            readings.append(_weather(sensor, seq, base + timedelta(seconds=s), rng))
+    rng.shuffle(readings)
+    engine = make_engine(database.writer_url)
+    store = Store(engine)
+    batches = [readings[i : i + 800] for i in range(0, len(readings), 800)]
+    assert sum(store.write(batch).inserted for batch in batches) == len(readings)
+    for batch in batches[::2]:  # redelivered: counted once
+        assert store.write(batch).duplicates == len(batch)
+    engine.dispose()
+    windows = [
+        (timedelta(minutes=start_m), timedelta(seconds=length_s))
+        for start_m in (0, 0.5, 1, 9.75, 10, 61.2)
+        for length_s in (0.5, 59, 60, 601, 3600, 7000)
+    ]
+    with psycopg.connect(database.reader_url) as conn:
+        for offset, length in windows:
+            params = {"t0": base + offset, "t1": base + offset + length}
+            raw = conn.execute(_RAW_PRESSURE, params).fetchall()
+            got = conn.execute(_FUNCTION_PRESSURE, params).fetchall()
+            assert [g[:4] for g in got] == [r[:4] for r in raw], params
+            for g, r in zip(got, raw, strict=True):
+                assert g[7] is True
+                if r[4] == 0:  # the DHT22, or a BME280 whose readings here had none
+                    assert g[4:7] == (None, None, None), params
+                else:
+                    assert g[4] == pytest.approx(r[5] / r[4], rel=1e-12), params
+                    assert g[5:7] == r[6:8], params
+            assert {g[1] for g in got if g[4] is not None} <= {"b1", "b2"}
+        # The ten-minute buckets hold the minutes' pressure exactly.
+        minutes = conn.execute(
+            "SELECT sensor, date_bin('10 minutes', minute, TIMESTAMPTZ '2000-01-01Z'),"
+            "       sum(n_p), sum(sum_p), min(min_p), max(max_p)"
+            "  FROM readings_minute GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+        buckets = conn.execute(
+            "SELECT sensor, bucket, n_p, sum_p, min_p, max_p FROM readings_10min ORDER BY 1, 2"
+        ).fetchall()
+        totals = conn.execute(
+            "SELECT sensor, sum(n_p) FROM readings_minute GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    expected = {
+        s: sum(1 for r in readings if r.sensor == s and r.pressure_hpa is not None)
+        for s in ("b1", "b2", "h1")
+    }
+    assert totals == sorted(expected.items())
+    assert 0 < expected["b2"] < expected["b1"]
+    assert expected["h1"] == 0
+    assert len(buckets) == len(minutes)
+    for b, m in zip(buckets, minutes, strict=True):
+        assert b[:3] == m[:3]
+        assert b[3] == pytest.approx(m[3], rel=1e-12) if m[3] is not None else b[3] is None
+        assert b[4:] == m[4:]
+
+
+def test_the_last_hour_and_the_latest_reading_show_pressure(database: Database) -> None:
+    now = datetime.now(UTC)
+    rng = random.Random(23)
+    readings = [
+        _weather(sensor, n, now - timedelta(seconds=10 * n + 5), rng)
+        for n in range(1, 60)
+        for sensor in ("b1", "h1")
+    ]
+    readings = [r._replace(seq=i) for i, r in enumerate(readings)]
+    store = Store(make_engine(database.writer_url))
+    assert store.write(readings).inserted == len(readings)
+    b1 = [r.pressure_hpa for r in readings if r.sensor == "b1"]
+    newest = max((r for r in readings if r.sensor == "b1"), key=lambda r: r.ts)
+    with psycopg.connect(database.reader_url) as conn:
+        rows = conn.execute(
+            "SELECT sensor, kind, readings, avg_pressure_hpa, min_pressure_hpa, max_pressure_hpa"
+            " FROM sensor_summary_last_hour ORDER BY sensor"
+        ).fetchall()
+        latest = conn.execute(
+            "SELECT sensor, pressure_hpa FROM sensor_latest ORDER BY sensor"
+        ).fetchall()
+    assert [r[:3] for r in rows] == [("b1", "bme280", 59), ("h1", "dht22", 59)]
+    values = [p for p in b1 if p is not None]
+    assert rows[0][3] == pytest.approx(sum(values) / len(values), rel=1e-12)
+    assert rows[0][4:] == (min(values), max(values))
+    assert rows[1][3:] == (None, None, None)
+    assert latest == [("b1", newest.pressure_hpa), ("h1", None)]

@@ -58,6 +58,12 @@ _MERGE_AGGREGATES = """
                      ELSE r.sum_h + EXCLUDED.sum_h END,
         min_h = LEAST(r.min_h, EXCLUDED.min_h),
         max_h = GREATEST(r.max_h, EXCLUDED.max_h),
+        n_p = r.n_p + EXCLUDED.n_p,
+        sum_p = CASE WHEN r.sum_p IS NULL THEN EXCLUDED.sum_p
+                     WHEN EXCLUDED.sum_p IS NULL THEN r.sum_p
+                     ELSE r.sum_p + EXCLUDED.sum_p END,
+        min_p = LEAST(r.min_p, EXCLUDED.min_p),
+        max_p = GREATEST(r.max_p, EXCLUDED.max_p),
         first_ts = LEAST(r.first_ts, EXCLUDED.first_ts),
         last_ts = GREATEST(r.last_ts, EXCLUDED.last_ts)"""
 
@@ -70,9 +76,10 @@ WITH batch AS (
         CAST(%(node)b AS text[]), CAST(%(sensor)b AS text[]), CAST(%(seq)b AS bigint[]),
         CAST(%(kind)b AS text[]), CAST(%(ts)b AS timestamptz[]),
         CAST(%(temperature_c)b AS float8[]), CAST(%(humidity_pct)b AS float8[]),
-        CAST(%(time_uncertain)b AS boolean[])
+        CAST(%(time_uncertain)b AS boolean[]), CAST(%(pressure_hpa)b AS float8[])
     ) WITH ORDINALITY
-      AS b(node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain, ord)
+      AS b(node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain,
+           pressure_hpa, ord)
 ),
 reach AS MATERIALIZED (
     -- The stored sequence ranges (one per node and partition) that reach up to this batch's
@@ -103,10 +110,13 @@ fresh AS (
 ),
 ins AS (
     INSERT INTO readings
-        (node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain)
-    SELECT node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain FROM fresh
+        (node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain,
+         pressure_hpa)
+    SELECT node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain,
+           pressure_hpa
+      FROM fresh
     ON CONFLICT DO NOTHING
-    RETURNING node, sensor, seq, kind, ts, temperature_c, humidity_pct
+    RETURNING node, sensor, seq, kind, ts, temperature_c, humidity_pct, pressure_hpa
 ),
 ranges AS (
     -- Each inserted row's partition: a UTC day, or the one made from the table as it was
@@ -133,17 +143,18 @@ minutes AS (
     SELECT node, sensor, date_trunc('minute', ts) AS minute, max(kind) AS kind,
            count(*) AS n, sum(temperature_c) AS sum_c, min(temperature_c) AS min_c,
            max(temperature_c) AS max_c, count(humidity_pct) AS n_h, sum(humidity_pct) AS sum_h,
-           min(humidity_pct) AS min_h, max(humidity_pct) AS max_h, min(ts) AS first_ts,
-           max(ts) AS last_ts
+           min(humidity_pct) AS min_h, max(humidity_pct) AS max_h,
+           count(pressure_hpa) AS n_p, sum(pressure_hpa) AS sum_p, min(pressure_hpa) AS min_p,
+           max(pressure_hpa) AS max_p, min(ts) AS first_ts, max(ts) AS last_ts
       FROM ins
      GROUP BY node, sensor, date_trunc('minute', ts)
 ),
 rollup AS (
     INSERT INTO readings_minute AS r
         (node, sensor, minute, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h,
-         first_ts, last_ts)
+         n_p, sum_p, min_p, max_p, first_ts, last_ts)
     SELECT node, sensor, minute, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h,
-           first_ts, last_ts
+           n_p, sum_p, min_p, max_p, first_ts, last_ts
       FROM minutes
      ORDER BY node, sensor, minute
     ON CONFLICT ON CONSTRAINT readings_minute_pkey DO UPDATE SET
@@ -153,11 +164,12 @@ rollup AS (
 rollup10 AS (
     INSERT INTO readings_10min AS r
         (node, sensor, bucket, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h,
-         first_ts, last_ts)
+         n_p, sum_p, min_p, max_p, first_ts, last_ts)
     SELECT node, sensor,
            date_bin('10 minutes', minute, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
            max(kind), sum(n), sum(sum_c), min(min_c), max(max_c), sum(n_h), sum(sum_h),
-           min(min_h), max(max_h), min(first_ts), max(last_ts)
+           min(min_h), max(max_h), sum(n_p), sum(sum_p), min(min_p), max(max_p),
+           min(first_ts), max(last_ts)
       FROM minutes
      GROUP BY node, sensor, bucket
      ORDER BY node, sensor, bucket
@@ -167,9 +179,10 @@ rollup10 AS (
 ),
 latest AS (
     INSERT INTO sensors AS s
-        (node, sensor, kind, last_ts, last_seq, last_temperature_c, last_humidity_pct)
+        (node, sensor, kind, last_ts, last_seq, last_temperature_c, last_humidity_pct,
+         last_pressure_hpa)
     SELECT DISTINCT ON (node, sensor)
-           node, sensor, kind, ts, seq, temperature_c, humidity_pct
+           node, sensor, kind, ts, seq, temperature_c, humidity_pct, pressure_hpa
       FROM ins
      ORDER BY node, sensor, ts DESC, seq DESC
     ON CONFLICT ON CONSTRAINT sensors_pkey DO UPDATE SET
@@ -177,7 +190,8 @@ latest AS (
         last_ts = EXCLUDED.last_ts,
         last_seq = EXCLUDED.last_seq,
         last_temperature_c = EXCLUDED.last_temperature_c,
-        last_humidity_pct = EXCLUDED.last_humidity_pct
+        last_humidity_pct = EXCLUDED.last_humidity_pct,
+        last_pressure_hpa = EXCLUDED.last_pressure_hpa
     WHERE (EXCLUDED.last_ts, EXCLUDED.last_seq) > (s.last_ts, s.last_seq)
     RETURNING 1
 )
@@ -206,20 +220,22 @@ SELECT DISTINCT b.ord
 # won) and rows another consumer committed meanwhile; received_at is not content.
 _FIND_CONFLICTS = """
 SELECT DISTINCT ON (b.ord) b.ord, r.kind, r.ts, r.temperature_c, r.humidity_pct,
-       r.time_uncertain
+       r.time_uncertain, r.pressure_hpa
   FROM unnest(
         CAST(%(node)b AS text[]), CAST(%(sensor)b AS text[]), CAST(%(seq)b AS bigint[]),
         CAST(%(kind)b AS text[]), CAST(%(ts)b AS timestamptz[]),
         CAST(%(temperature_c)b AS float8[]), CAST(%(humidity_pct)b AS float8[]),
-        CAST(%(time_uncertain)b AS boolean[])
+        CAST(%(time_uncertain)b AS boolean[]), CAST(%(pressure_hpa)b AS float8[])
   ) WITH ORDINALITY
-    AS b(node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain, ord)
+    AS b(node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain,
+         pressure_hpa, ord)
   JOIN node_seq_ranges AS k ON k.node = b.node AND b.seq BETWEEN k.min_seq AND k.max_seq
   JOIN readings AS r
     ON r.node = b.node AND r.sensor = b.sensor AND r.seq = b.seq
    AND r.ts >= k.lo AND r.ts < k.hi
- WHERE (r.kind, r.ts, r.temperature_c, r.humidity_pct, r.time_uncertain)
-       IS DISTINCT FROM (b.kind, b.ts, b.temperature_c, b.humidity_pct, b.time_uncertain)
+ WHERE (r.kind, r.ts, r.temperature_c, r.humidity_pct, r.time_uncertain, r.pressure_hpa)
+       IS DISTINCT FROM
+       (b.kind, b.ts, b.temperature_c, b.humidity_pct, b.time_uncertain, b.pressure_hpa)
  ORDER BY b.ord, r.ts
 """
 
@@ -516,9 +532,15 @@ class Store:
         chosen = list(indices)
         params = _columns([readings[i] for i in chosen])
         found: list[tuple[int, str]] = []
-        for ord_, kind, ts, temperature_c, humidity_pct, time_uncertain in conn.exec_driver_sql(
-            _FIND_CONFLICTS, params
-        ):
+        for (
+            ord_,
+            kind,
+            ts,
+            temperature_c,
+            humidity_pct,
+            time_uncertain,
+            pressure_hpa,
+        ) in conn.exec_driver_sql(_FIND_CONFLICTS, params):
             i = chosen[ord_ - 1]
             new = readings[i]
             stored = new._replace(
@@ -527,6 +549,7 @@ class Store:
                 temperature_c=temperature_c,
                 humidity_pct=humidity_pct,
                 time_uncertain=time_uncertain,
+                pressure_hpa=pressure_hpa,
             )
             found.append((i, _conflict_reason(new, stored)))
         if found:
@@ -732,7 +755,7 @@ def _conflict_reason(new: Reading, stored: Reading) -> str:
     """Names the key and both versions: ts and temperature_c always, the rest where they differ."""
     fields = ["ts", "temperature_c"] + [
         name
-        for name in ("humidity_pct", "kind", "time_uncertain")
+        for name in ("humidity_pct", "pressure_hpa", "kind", "time_uncertain")
         if getattr(stored, name) != getattr(new, name)
     ]
 

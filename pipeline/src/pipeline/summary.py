@@ -11,7 +11,8 @@ __all__ = ["format_table", "last_hour"]
 
 _QUERY = text(
     "SELECT node, sensor, kind, readings, avg_c, min_c, max_c, avg_humidity_pct,"
-    " min_humidity_pct, max_humidity_pct, first_ts, last_ts"
+    " min_humidity_pct, max_humidity_pct, avg_pressure_hpa, min_pressure_hpa, max_pressure_hpa,"
+    " first_ts, last_ts"
     " FROM sensor_summary_last_hour ORDER BY node, sensor"
 )
 
@@ -33,7 +34,18 @@ def _cell(value: object, digits: int = 2) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table a person reads in a terminal."""
-    header = ["node", "sensor", "kind", "n", "avg °C", "min °C", "max °C", "avg %RH", "last"]
+    header = [
+        "node",
+        "sensor",
+        "kind",
+        "n",
+        "avg °C",
+        "min °C",
+        "max °C",
+        "avg %RH",
+        "avg hPa",
+        "last",
+    ]
     lines = [header]
     lines.extend(
         [
@@ -45,6 +57,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _cell(r["min_c"]),
             _cell(r["max_c"]),
             _cell(r["avg_humidity_pct"], 1),
+            _cell(r["avg_pressure_hpa"], 1),
             _cell(r["last_ts"]),
         ]
         for r in rows
