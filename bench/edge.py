@@ -31,7 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.outbox import Outbox
-from edge_agent.wire import reading_payload
+from tempmon_contract.wire import reading_payload
 from tests.harness import NodeCredentials, RabbitBroker
 from tests.harness.agent_proc import write_config
 

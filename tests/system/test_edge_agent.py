@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -238,9 +239,6 @@ def test_chain_agent_broker_pipeline_database(
     try:
         agent = AgentProcess(write_config(tmp_path, rabbit, creds, interval_s=0.02))
         agents.append(agent)
-        time.sleep(8)
-        assert agent.terminate() == 0
-        _, top = outbox_state(tmp_path / "outbox.sqlite")
 
         def rows() -> tuple[int, int, int]:
             with psycopg.connect(database.owner_url) as conn:
@@ -250,6 +248,10 @@ def test_chain_agent_broker_pipeline_database(
             assert got is not None
             return int(got[0]), int(got[1] or 0), int(got[2] or 0)
 
+        # Readings flowing through the whole chain (150 a second), rather than a fixed 8 s.
+        wait_for("500 readings stored", lambda: rows()[0] >= 500, 60, interval=0.2)
+        assert agent.terminate() == 0
+        _, top = outbox_state(tmp_path / "outbox.sqlite")
         wait_for("every reading stored", lambda: rows()[2] == top, 60, interval=0.5)
         count, low, high = rows()
         print(f"rows={count} seq={low}..{high}")
@@ -332,3 +334,70 @@ def test_readings_wait_for_the_clock_and_arrive_with_corrected_times(
     seqs = {r["seq"] for r in arrived}
     assert depth == 0
     assert seqs == set(range(min(seqs), top + 1))
+
+
+BME280_SENSOR = """
+[[sensors]]
+id = "weather"
+kind = "bme280"
+address = "0x76"
+interval_s = 0.2
+offset_c = -0.5
+"""
+
+
+def test_a_bme280_on_a_fake_i2c_bus_publishes_pressure(
+    rabbit: RabbitBroker,
+    tmp_path: Path,
+    agents: list[AgentProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real `edge-agent run` with a bme280: the real adafruit_bme280 library reads a fake
+    I2C bus (Blinka's `board` on PYTHONPATH replaced by one whose `I2C()` is the fake chip),
+    and the readings arrive with pressure, valid by the schema and by the pipeline's decoder."""
+    pytest.importorskip("adafruit_bme280")
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from jsonschema import Draft202012Validator  # noqa: PLC0415
+
+    from pipeline.decode import decode_reading  # noqa: PLC0415
+
+    board = tmp_path / "fake-board"
+    board.mkdir()
+    (board / "board.py").write_text(
+        '"""Blinka\'s board, for this test: its I2C bus is a fake BME280."""\n'
+        "from edge_agent.sensors.fakes import board_i2c as I2C  # noqa: F401, N812\n"
+    )
+    path = [str(board), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
+    monkeypatch.setenv("EDGE_FAKE_BME280", "23.5,61.25,987.5")
+    monkeypatch.setenv("EDGE_FAKE_BME280_ADDRESS", "0x76")
+    creds = rabbit.add_node("pi-bme")
+    config = write_config(tmp_path / "agent", rabbit, creds, sensors=0, extra=BME280_SENSOR)
+    agent = AgentProcess(config)
+    agents.append(agent)
+    wait_for("bme280 readings queued", lambda: rabbit.depth("readings") >= 5, 60, interval=0.5)
+    assert agent.terminate() == 0
+    time.sleep(1.5)  # quorum queue counts lag
+    deliveries = rabbit.drain("readings")
+    schema_path = Path(__file__).parents[2] / "gateway" / "schema" / "reading.v1.schema.json"
+    validator = Draft202012Validator(json.loads(schema_path.read_text()))
+    assert len(deliveries) >= 5
+    for method, _, body in deliveries:
+        reading = json.loads(body)
+        validator.validate(reading)
+        assert (reading["node"], reading["sensor"], reading["kind"]) == (
+            "pi-bme",
+            "weather",
+            "bme280",
+        )
+        assert reading["temperature_c"] == pytest.approx(23.0, abs=0.01)  # the offset applied
+        assert reading["humidity_pct"] == pytest.approx(61.25, abs=0.05)
+        assert reading["pressure_hpa"] == pytest.approx(987.5, abs=0.01)
+        decoded = decode_reading(body, method.routing_key, now=datetime.now(UTC))
+        assert decoded.kind == "bme280"
+        assert decoded.pressure_hpa == reading["pressure_hpa"]
+        assert decoded.humidity_pct == reading["humidity_pct"]
+    statuses = [json.loads(body) for _, _, body in rabbit.drain("node-status")]
+    heartbeat = next(s for s in statuses if "read_errors" in s)
+    assert heartbeat["read_errors"] == {"weather": 0}

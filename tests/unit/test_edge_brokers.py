@@ -31,7 +31,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-import edge_agent.agent as agent_module
+import edge_agent.session as session_module
 from edge_agent.agent import Agent, Backoff, BrokerRotation
 from edge_agent.cli import main
 from edge_agent.clock import KernelClock
@@ -47,6 +47,7 @@ from edge_agent.config import (
 from edge_agent.errors import ConfigError
 from edge_agent.outbox import Outbox
 from edge_agent.sensors import Sensor, Simulated
+from edge_agent.session import Session
 from tests.harness.procs import REPO
 from tests.unit.edge.agents import fill, sequence_counter
 from tests.unit.edge.fake_mqtt import FakeBroker, FakeClient, FakeInfo
@@ -475,7 +476,7 @@ def test_the_back_off_grows_only_when_a_whole_round_failed(box: Outbox) -> None:
 def test_a_lost_healthy_session_fails_over_at_once(
     box: Outbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(agent_module, "HEALTHY_S", 0.1)
+    monkeypatch.setattr(session_module, "HEALTHY_S", 0.1)
     caplog.set_level(logging.INFO, logger="edge_agent")
     network = FakeNetwork(ADDRESSES)
     agent = _agent(box, network, backoff=_grown(Backoff(initial=0.02, cap=30), 8))
@@ -601,7 +602,7 @@ def test_a_refused_connack_goes_to_another_broker(
 def test_no_connack_goes_to_another_broker(
     box: Outbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(agent_module, "CONNACK_WAIT_MIN_S", 0.1)
+    monkeypatch.setattr(session_module, "CONNACK_WAIT_MIN_S", 0.1)
     network = FakeNetwork(ADDRESSES)
     agent = _agent(box, network, keepalive_s=1)
     hanging = agent.broker
@@ -721,9 +722,9 @@ def test_tls_checks_each_brokers_certificate_against_its_own_host(
             assert agent.brokers.order == order
             _run_until(agent, "a TLS session", lambda: agent.connected, within_s=10)  # noqa: B023
             assert agent.broker == Broker("localhost", by_name.port)
-            client = agent._client
+            client = agent.mqtt_session.client
             assert client is not None
-            Agent._close_client(client)
+            Session._close_client(client)
     assert by_name.connects == 2
     assert by_address.connects == 0, "a certificate for another name was accepted"
     [failed] = [m for m in _messages(caplog) if "broker unreachable" in m]

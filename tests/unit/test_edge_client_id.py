@@ -99,8 +99,9 @@ def test_the_paho_client_uses_it_with_a_clean_session_and_the_nodes_will(tmp_pat
         port = probe.getsockname()[1]
     with Outbox(tmp_path / "o.sqlite") as box:
         agent = _agent(box, port=port)
-        agent._try_connect()  # the agent's own client, with its Last Will (set before CONNECT)
-        client = agent._client
+        # the agent's own client, with its Last Will (set before CONNECT)
+        agent.mqtt_session._try_connect()
+        client = agent.mqtt_session.client
         assert isinstance(client, mqtt.Client)
         assert client._client_id == agent.client_id.encode()
         # Clean: the outbox keeps what is unacknowledged, the broker keeps nothing.

@@ -54,7 +54,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert config.outbox.drain_rate_per_s == 50
     assert [s.kind for s in config.sensors] == ["ds18b20", "dht22", "cpu"]
     assert config.sensors[0].offset_c == -0.25
-    assert config.sensors[1].pin == 17
+    assert config.sensors[1].settings == {"pin": 17}
     assert config.clock.require_sync
     assert config.mqtt.puback_timeout_s == 30.0  # the default
 
@@ -121,7 +121,7 @@ def test_not_toml(tmp_path: Path) -> None:
 def test_ds18b20_with_a_friendly_name(tmp_path: Path) -> None:
     text = GOOD.replace('id = "28-0316a2b4c5ff"', 'id = "kitchen"\ndevice = "28-0316a2b4c5ff"')
     sensor = load_config(_write(tmp_path, text), {}).sensors[0]
-    assert (sensor.id, sensor.device) == ("kitchen", "28-0316a2b4c5ff")
+    assert (sensor.id, sensor.settings["device"]) == ("kitchen", "28-0316a2b4c5ff")
 
 
 def test_password_file(tmp_path: Path) -> None:
@@ -173,3 +173,85 @@ def test_an_unquoted_password_is_not_shown_in_the_toml_error(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match="not valid TOML") as caught:
         load_config(_write(tmp_path, text), {})
     assert "s3cret" not in str(caught.value)
+
+
+# --- the registry's kinds and fields ---------------------------------------------------------
+
+BME280 = """
+[[sensors]]
+id = "weather"
+kind = "bme280"
+"""
+
+
+def test_bme280_defaults_to_the_librarys_address(tmp_path: Path) -> None:
+    sensor = load_config(_write(tmp_path, GOOD + BME280), {}).sensors[3]
+    assert (sensor.id, sensor.kind, sensor.settings) == ("weather", "bme280", {"address": 0x77})
+
+
+@pytest.mark.parametrize(
+    ("line", "settings"),
+    [
+        ("address = 0x76", {"address": 0x76}),
+        ('address = "0x76"', {"address": 0x76}),
+        ("address = 119\nbus = 3", {"address": 0x77, "bus": 3}),
+    ],
+)
+def test_bme280_fields(tmp_path: Path, line: str, settings: dict[str, int]) -> None:
+    sensor = load_config(_write(tmp_path, GOOD + BME280 + line + "\n"), {}).sensors[3]
+    assert sensor.settings == settings
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("address = 0x75", r"sensors\[3\]\.address = 117 is not a BME280 address"),
+        ('address = "near"', r"sensors\[3\]\.address = 'near' is not a BME280 address"),
+        ("bus = -1", r"sensors\[3\]\.bus = -1 is outside 0\.\.255"),
+        ('bus = "one"', r"sensors\[3\]\.bus = 'one' must be an integer"),
+        ("pin = 4", r"sensors\[3\]\.pin is only used by dht22 sensors"),
+        ("seed = 4", r"sensors\[3\]\.seed is only used by simulated sensors"),
+        ("device = 'x'", r"sensors\[3\]\.device is only used by ds18b20 sensors"),
+        ("colour = 'red'", r"unknown key\(s\) in \[sensors\[3\]\]: colour"),
+        ("interval_s = 0.01", r"sensors\[3\]\.interval_s = 0\.01 is outside 0\.1\.\."),
+    ],
+)
+def test_bad_bme280_fields_name_the_key(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, GOOD + BME280 + line + "\n"), {})
+
+
+def test_the_valid_kinds_come_from_the_registry(tmp_path: Path) -> None:
+    text = GOOD.replace('kind = "cpu"', 'kind = "thermistor"')
+    with pytest.raises(
+        ConfigError, match=r"must be one of ds18b20, dht22, cpu, simulated, bme280$"
+    ):
+        load_config(_write(tmp_path, text), {})
+
+
+def test_a_field_of_another_kind_names_the_kinds_that_use_it(tmp_path: Path) -> None:
+    """A key no field of this kind has is refused, and the error says who uses it."""
+    text = GOOD.replace('id = "cpu"\nkind = "cpu"', 'id = "cpu"\nkind = "cpu"\nhumidity = true')
+    with pytest.raises(ConfigError, match=r"sensors\[2\]\.humidity is only used by simulated"):
+        load_config(_write(tmp_path, text), {})
+
+
+def test_dht22_keeps_its_two_second_minimum(tmp_path: Path) -> None:
+    text = GOOD.replace("pin = 17", "pin = 17\ninterval_s = 1")
+    with pytest.raises(ConfigError, match=r"sensors\[1\]\.interval_s = 1 is outside 2\.0\.\."):
+        load_config(_write(tmp_path, text), {})
+
+
+def test_simulated_fields(tmp_path: Path) -> None:
+    text = (
+        GOOD
+        + '[[sensors]]\nid = "sim"\nkind = "simulated"\nseed = 3\nhumidity = true\n'
+        + "dropout_rate = 0.25\n"
+    )
+    sensor = load_config(_write(tmp_path, text), {}).sensors[3]
+    assert sensor.settings == {
+        "seed": 3,
+        "humidity": True,
+        "dropout_rate": 0.25,
+        "spike_rate": 0.0,
+    }

@@ -41,7 +41,7 @@ def _run_until(agent: Agent, what: str, done: Callable[[], bool], within_s: floa
     while not done():
         assert time.monotonic() < deadline, f"{what} did not happen within {within_s} s"
         agent.step(0.002)
-        inflight.append(len(agent._inflight))
+        inflight.append(agent.mqtt_session.in_flight)
     return inflight
 
 

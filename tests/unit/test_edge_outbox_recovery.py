@@ -420,7 +420,7 @@ def test_a_damaged_outbox_met_on_a_puback_timeout_stops_the_agent(tmp_path: Path
 def test_a_damaged_outbox_met_during_shutdown_is_reported(tmp_path: Path) -> None:
     with _DamagedCounts(tmp_path / "o.sqlite") as box:
         agent = _agent(box, FakeBroker())
-        agent._puback_timeouts_unsaved.append(3)
+        agent.mqtt_session._puback_timeouts_unsaved.append(3)
         agent.shutdown()
         assert isinstance(agent.outbox_corrupt, OutboxCorrupt)
 

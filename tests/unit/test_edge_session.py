@@ -24,7 +24,7 @@ from edge_agent.agent import Agent, Backoff
 from edge_agent.clock import KernelClock
 from edge_agent.config import AgentConfig, MqttConfig, OutboxConfig, SensorConfig
 from edge_agent.outbox import Outbox
-from edge_agent.wire import status_payload
+from tempmon_contract.wire import status_payload
 from tests.harness.procs import REPO
 from tests.unit.edge.fake_mqtt import FakeBroker, FakeClient
 
@@ -108,8 +108,8 @@ def test_the_real_paho_clients_last_will_carries_the_session(tmp_path: Path) -> 
         port = probe.getsockname()[1]
     with Outbox(tmp_path / "o.sqlite") as box:
         agent = _agent(box, port=port)
-        agent._try_connect()
-        client = agent._client
+        agent.mqtt_session._try_connect()
+        client = agent.mqtt_session.client
         assert isinstance(client, mqtt.Client)
         assert client._will_topic == f"status/{NODE}".encode()
         assert client._will_qos == 1
@@ -119,11 +119,11 @@ def test_the_real_paho_clients_last_will_carries_the_session(tmp_path: Path) -> 
         STATUS_SCHEMA.validate(will)
         # A retry of the same client keeps its session; only a new client gets a new one.
         session = agent.session
-        agent._try_connect()
+        agent.mqtt_session._try_connect()
         assert agent.session == session
-        agent._lost("test", quiet=True)
-        agent._try_connect()
-        assert agent._client is not client
+        agent.mqtt_session._lost("test", quiet=True)
+        agent.mqtt_session._try_connect()
+        assert agent.mqtt_session.client is not client
         assert agent.session != session
         agent.shutdown()
 

@@ -62,7 +62,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_read(args: argparse.Namespace) -> int:
-    from edge_agent.agent import build_sensor  # noqa: PLC0415
+    from edge_agent.sensors.registry import build_sensor  # noqa: PLC0415
 
     config = _config(args, simulate=args.simulate)
     failed = 0
@@ -80,7 +80,11 @@ def _cmd_read(args: argparse.Namespace) -> int:
             failed += 1
         else:
             humidity = "" if sample.humidity_pct is None else f"  {sample.humidity_pct:.1f} %RH"
-            print(f"{sensor.id:<20} {sensor.kind:<9} {sample.temperature_c:7.2f} °C{humidity}")
+            pressure = "" if sample.pressure_hpa is None else f"  {sample.pressure_hpa:.2f} hPa"
+            print(
+                f"{sensor.id:<20} {sensor.kind:<9} {sample.temperature_c:7.2f} °C"
+                f"{humidity}{pressure}"
+            )
         finally:
             sensor.close()
     return 1 if failed else 0
@@ -110,7 +114,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from edge_agent.outbox import Outbox  # noqa: PLC0415
-    from edge_agent.wire import utc_iso  # noqa: PLC0415
+    from tempmon_contract.wire import utc_iso  # noqa: PLC0415
 
     config = _config(args, simulate=args.simulate)
     if not config.outbox.path.exists():

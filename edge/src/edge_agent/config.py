@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ConfigError
+from edge_agent.sensors.fields import COMMON_FIELDS, Field
+from edge_agent.sensors.registry import REGISTRY
+from tempmon_contract.ids import ID, ID_RULE
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -43,9 +46,7 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/config.toml")
 DEFAULT_OUTBOX_PATH = Path("/var/lib/edge-agent/outbox.sqlite")
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_W1_ID = re.compile(r"28-[0-9a-f]{12}")
-KINDS = ("ds18b20", "dht22", "cpu", "simulated")
+_ID = ID
 MAX_BROKERS = 16
 """The most entries ``mqtt.hosts`` may have."""
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -143,17 +144,47 @@ class ClockConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SensorConfig:
+    """One ``[[sensors]]`` table: the keys every kind has, and ``settings``, the keys of its
+    kind's driver (declared by the driver class, see :mod:`edge_agent.sensors.registry`),
+    checked and with their defaults where the table left them out."""
+
     id: str
     kind: str
     interval_s: float = 30.0
     offset_c: float = 0.0
     median_window: int = 1
-    pin: int | None = None  # dht22
-    device: str | None = None  # ds18b20: its 1-Wire id, when ``id`` is a friendly name
-    seed: int | None = None  # simulated
-    humidity: bool = False  # simulated
-    dropout_rate: float = 0.0  # simulated
-    spike_rate: float = 0.0  # simulated
+    settings: Mapping[str, object] = field(default_factory=dict, hash=False)
+
+    # The old attribute names, for code written before the registry (agent.py's build_sensor
+    # until it imports edge_agent.sensors.registry's); new code reads ``settings``.
+    @property
+    def pin(self) -> int | None:
+        value = self.settings.get("pin")
+        return value if isinstance(value, int) else None
+
+    @property
+    def device(self) -> str | None:
+        value = self.settings.get("device")
+        return value if isinstance(value, str) else None
+
+    @property
+    def seed(self) -> int | None:
+        value = self.settings.get("seed")
+        return value if isinstance(value, int) else None
+
+    @property
+    def humidity(self) -> bool:
+        return self.settings.get("humidity") is True
+
+    @property
+    def dropout_rate(self) -> float:
+        value = self.settings.get("dropout_rate")
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    @property
+    def spike_rate(self) -> float:
+        value = self.settings.get("spike_rate")
+        return float(value) if isinstance(value, int | float) else 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,7 +293,7 @@ class _Section:
 def _check_id(key: str, value: str) -> str:
     if not _ID.fullmatch(value):
         raise ConfigError(
-            f"{key} = {value!r} is not a valid id: use 1-64 letters, digits, '_' or '-' "
+            f"{key} = {value!r} is not a valid id: use {ID_RULE} "
             "(a dot or slash would change the MQTT topic)"
         )
     return value
@@ -591,48 +622,71 @@ def _parse_outbox(t: _Section, user_state: bool) -> OutboxConfig:
 
 
 def _parse_sensor(index: int, data: object) -> SensorConfig:
+    """One ``[[sensors]]`` table, checked against its kind's driver in the registry.
+
+    Raises:
+        ConfigError: the id or kind is missing or invalid, a common key or one of the
+            driver's fields is mistyped or out of range, a required field is missing, or a
+            key belongs to no field of this kind (the message names the kinds that use it).
+    """
     t = _Section(f"sensors[{index}]", data)
     sensor_id = t.text("id")
     if sensor_id is None:
         raise ConfigError(f"sensors[{index}].id is missing")
     _check_id(f"sensors[{index}].id", sensor_id)
     kind = t.text("kind")
-    if kind not in KINDS:
-        raise ConfigError(f"sensors[{index}].kind = {kind!r} must be one of {', '.join(KINDS)}")
-    min_interval = 2.0 if kind == "dht22" else 0.01
+    if kind is None or kind not in REGISTRY:
+        raise ConfigError(
+            f"sensors[{index}].kind = {kind!r} must be one of {', '.join(REGISTRY.kinds())}"
+        )
+    driver = REGISTRY.driver(kind)
     median = t.integer("median_window", 1, 1, 15) or 1
     if median > 1 and median % 2 == 0:
         raise ConfigError(f"sensors[{index}].median_window = {median} must be odd")
-    pin = t.integer("pin", None, 0, 27)
-    if kind == "dht22" and pin is None:
-        raise ConfigError(f"sensors[{index}].pin is required for a dht22 (its BCM GPIO number)")
-    if kind != "dht22" and pin is not None:
-        raise ConfigError(f"sensors[{index}].pin is only used by dht22 sensors")
-    device = t.text("device")
-    if kind == "ds18b20":
-        device = device or sensor_id
-        if not _W1_ID.fullmatch(device):
-            raise ConfigError(
-                f"sensors[{index}].device = {device!r} is not a DS18B20 1-Wire id like "
-                "28-0316a2b4c5ff: run `edge-agent detect`, and give a friendly name in id"
-            )
-    elif device is not None:
-        raise ConfigError(f"sensors[{index}].device is only used by ds18b20 sensors")
-    config = SensorConfig(
+    settings: dict[str, object] = {}
+    for spec in driver.FIELDS:
+        value = _field(t, spec)
+        if value is None and spec.required:
+            raise ConfigError(f"{t.key(spec.name)} is required for a {kind} ({spec.help})")
+        if value is not None:
+            settings[spec.name] = value
+    driver.settle(t.name, sensor_id, settings)
+    interval_s = t.number("interval_s", 30.0, driver.MIN_INTERVAL_S, 86_400.0)
+    offset_c = t.number("offset_c", 0.0, -20.0, 20.0)
+    for key in sorted(set(t.data) - t.used - COMMON_FIELDS):
+        users = REGISTRY.users_of(key)
+        if users:
+            raise ConfigError(f"{t.key(key)} is only used by {' and '.join(users)} sensors")
+    t.finish()
+    return SensorConfig(
         id=sensor_id,
         kind=kind,
-        device=device,
-        interval_s=t.number("interval_s", 30.0, min_interval, 86_400.0),
-        offset_c=t.number("offset_c", 0.0, -20.0, 20.0),
+        interval_s=interval_s,
+        offset_c=offset_c,
         median_window=median,
-        pin=pin,
-        seed=t.integer("seed", None, 0, 2**31),
-        humidity=t.flag("humidity", False),
-        dropout_rate=t.number("dropout_rate", 0.0, 0.0, 1.0),
-        spike_rate=t.number("spike_rate", 0.0, 0.0, 1.0),
+        settings=settings,
     )
-    t.finish()
-    return config
+
+
+def _field(t: _Section, spec: Field) -> object:
+    """The value of one driver field (None: not given, and no default)."""
+    raw = t.raw(spec.name)
+    if raw is None:
+        return spec.default
+    if spec.parse is not None:
+        return spec.parse(t.key(spec.name), raw)
+    low = -(2.0**63) if spec.low is None else spec.low
+    high = 2.0**63 if spec.high is None else spec.high
+    value: object
+    if spec.type is bool:
+        value = t.flag(spec.name, False)
+    elif spec.type is int:
+        value = t.integer(spec.name, None, int(low), int(high))
+    elif spec.type is float:
+        value = t.number(spec.name, 0.0, low, high)
+    else:
+        value = t.text(spec.name)
+    return value
 
 
 def _simulated_defaults() -> list[dict[str, Any]]:

@@ -111,6 +111,8 @@ from types import TracebackType
 from typing import Final
 
 from edge_agent.errors import EdgeError
+from tempmon_contract.ids import ID
+from tempmon_contract.kinds import HUMIDITY, PRESSURE, TEMPERATURE
 
 __all__ = [
     "CLIENT_TOKEN_BYTES",
@@ -154,7 +156,7 @@ _SQLITE_CORRUPT: Final = 11
 _SQLITE_FULL: Final = 13
 _SQLITE_NOTADB: Final = 26
 _SALVAGE_CHUNK: Final = 10_000
-_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ID: Final = ID
 _META_KEYS: Final = (
     _CLIENT_TOKEN_KEY,
     "dropped_total",
@@ -181,14 +183,26 @@ CREATE TABLE IF NOT EXISTS outbox (
     boottime       REAL    NOT NULL,   -- CLOCK_BOOTTIME when taken
     uncertain      INTEGER NOT NULL DEFAULT 0,
     temperature_c  REAL    NOT NULL,
-    humidity_pct   REAL
+    humidity_pct   REAL,
+    pressure_hpa   REAL                -- schema version 2
 );
 CREATE INDEX IF NOT EXISTS outbox_held ON outbox (seq) WHERE ts IS NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
+SCHEMA_VERSION: Final = 2
+"""``PRAGMA user_version`` of the outbox file. 1 (stored as 0: the files written before it had
+a version) has no ``pressure_hpa``; 2 adds it. An older file is migrated when it is opened
+(:func:`_migrate`: ``ALTER TABLE ... ADD COLUMN``, which rewrites no row), so the outbox of a
+Pi that is upgraded keeps its readings and drains them."""
 _COLUMNS: Final = (
-    "seq, sensor, kind, ts, wall, boot_id, boottime, uncertain, temperature_c, humidity_pct"
+    "seq, sensor, kind, ts, wall, boot_id, boottime, uncertain, temperature_c, humidity_pct,"
+    " pressure_hpa"
 )
+_COLUMNS_V1: Final = (
+    "seq, sensor, kind, ts, wall, boot_id, boottime, uncertain, temperature_c, humidity_pct, NULL"
+)
+"""What a salvage reads from a damaged file of schema version 1 (no pressure)."""
+_INSERT_ROW: Final = "?, " * 10 + "?"
 
 
 class OutboxError(EdgeError, OSError):
@@ -218,6 +232,7 @@ class Pending:
     uncertain: bool
     temperature_c: float
     humidity_pct: float | None
+    pressure_hpa: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +341,7 @@ class Outbox:
             self._check_and_recover(clock_synced=clock_synced)
         with self._write() as conn:
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             seeded = conn.execute("SELECT 1 FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
             if seeded is None and conn.execute("SELECT 1 FROM outbox LIMIT 1").fetchone() is None:
                 start, how = _seed(clock_synced=clock_synced)
@@ -751,9 +767,10 @@ class Outbox:
         try:
             dst.execute("PRAGMA synchronous=FULL")
             dst.executescript(_SCHEMA)
+            dst.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             dst.execute("BEGIN")
             if failure is None:
-                insert = f"INSERT INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608 - constant columns
+                insert = f"INSERT INTO outbox ({_COLUMNS}) VALUES ({_INSERT_ROW})"  # noqa: S608 - constant columns
                 salvage.rows(lambda rows: dst.executemany(insert, rows))
                 lost, at_least, at_most = _losses(salvage)
             else:
@@ -842,7 +859,7 @@ class Outbox:
             return
         log.warning("salvaging the damaged outbox kept aside path=%s", kept)
         salvage = _Salvage(kept)
-        insert = f"INSERT OR IGNORE INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608 - constant columns
+        insert = f"INSERT OR IGNORE INTO outbox ({_COLUMNS}) VALUES ({_INSERT_ROW})"  # noqa: S608 - constant columns
         try:
             with self._write() as conn:
                 salvage.rows(lambda rows: conn.executemany(insert, rows))
@@ -935,6 +952,7 @@ class Outbox:
         boot_id: str,
         boottime: float,
         synced: bool,
+        pressure_hpa: float | None = None,
     ) -> int:
         """Store one reading; return its sequence number.
 
@@ -946,7 +964,7 @@ class Outbox:
         with self._write() as conn:
             cur = conn.execute(
                 "INSERT INTO outbox (sensor, kind, ts, wall, boot_id, boottime, temperature_c,"
-                " humidity_pct) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " humidity_pct, pressure_hpa) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     sensor,
                     kind,
@@ -956,6 +974,7 @@ class Outbox:
                     boottime,
                     temperature_c,
                     humidity_pct,
+                    pressure_hpa,
                 ),
             )
             return int(cur.lastrowid or 0)
@@ -1021,11 +1040,11 @@ class Outbox:
         """Up to ``limit`` sendable readings with seq > ``after_seq``, oldest first."""
         with self._errors():
             rows = self._conn().execute(
-                "SELECT seq, sensor, kind, ts, uncertain, temperature_c, humidity_pct FROM outbox"
-                " WHERE seq > ? AND ts IS NOT NULL ORDER BY seq LIMIT ?",
+                "SELECT seq, sensor, kind, ts, uncertain, temperature_c, humidity_pct,"
+                " pressure_hpa FROM outbox WHERE seq > ? AND ts IS NOT NULL ORDER BY seq LIMIT ?",
                 (after_seq, limit),
             )
-            return [Pending(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+            return [Pending(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7]) for r in rows]
 
     def delete(self, seqs: Iterable[int], *, now_wall: float | None = None) -> int:
         """Remove acknowledged readings (one transaction); record the time of the last PUBACK."""
@@ -1050,6 +1069,13 @@ class Outbox:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (now_wall if now_wall is not None else time.time(),),
             )
+
+    def discard(self, seq: int) -> None:
+        """Delete one reading that can never be sent, and count it in ``dropped_total``, in one
+        transaction (unlike :meth:`delete`, this is no PUBACK: ``last_puback_at`` stays)."""
+        with self._write() as conn:
+            if conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,)).rowcount:
+                _bump(conn, "dropped_total", 1)
 
     def count_dropped(self, count: int) -> None:
         """Add readings lost outside the outbox (a full disk) to the persisted total."""
@@ -1153,6 +1179,29 @@ class Outbox:
         with self._errors():
             row = self._conn().execute("SELECT min(wall) FROM outbox").fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file of an older schema version to :data:`SCHEMA_VERSION`.
+
+    Version 1 to 2: ``pressure_hpa`` (NULL in the readings already stored). Another process
+    opening the same file at the same moment may have added it first: that is no error.
+
+    Raises:
+        sqlite3.Error: the file cannot be read or written.
+    """
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version >= SCHEMA_VERSION:
+        return
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    if PRESSURE.field not in columns:
+        try:
+            conn.execute(f"ALTER TABLE outbox ADD COLUMN {PRESSURE.field} REAL")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
+        log.info("outbox migrated to schema version %d: added %s", SCHEMA_VERSION, PRESSURE.field)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _bump(conn: sqlite3.Connection, key: str, by: int) -> None:
@@ -1316,9 +1365,10 @@ class _Plausible:
         return ok
 
     def __call__(self, raw: Row) -> bool:
-        if len(raw) != 10:
+        if len(raw) != 11:
             return False
-        seq, sensor, kind, ts, wall, boot_id, boottime, uncertain, temperature_c, humidity = raw
+        (seq, sensor, kind, ts, wall, boot_id, boottime, uncertain, temperature_c, humidity,
+         pressure) = raw  # fmt: skip
         return (
             type(seq) is int
             and 0 < seq <= SEQ_MAX
@@ -1330,8 +1380,9 @@ class _Plausible:
             and _within(wall, 0, _YEAR_2100)
             and (ts is None or _within(ts, _YEAR_2000 if uncertain == 0 else 0, _YEAR_2100))
             and _within(boottime, 0, _CENTURY_S)
-            and _within(temperature_c, -100, 150)
-            and (humidity is None or _within(humidity, 0, 100))
+            and _within(temperature_c, TEMPERATURE.low, TEMPERATURE.high)
+            and (humidity is None or _within(humidity, HUMIDITY.low, HUMIDITY.high))
+            and (pressure is None or _within(pressure, PRESSURE.low, PRESSURE.high))
         )
 
 
@@ -1354,6 +1405,7 @@ class _Salvage:
         self.garbled = 0  # rows read but not plausible: lost, and known to be
         self.highest = 0
         self.skipped: list[tuple[int, int | None]] = []  # seq ranges skipped, None: to the end
+        self._select: str | None = None
         self._conn: sqlite3.Connection | None
         try:
             self._conn = _connect_readonly(path)
@@ -1442,7 +1494,7 @@ class _Salvage:
         last = after
         try:
             cursor = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608 - constant columns
+                f"SELECT {self._columns()} FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608 - constant columns
                 (after, _SALVAGE_CHUNK),
             )
             for row in cursor:
@@ -1454,6 +1506,17 @@ class _Salvage:
         except sqlite3.Error:  # a damaged page, or text that is not UTF-8
             return rows, last, True
         return rows, last, False
+
+    def _columns(self) -> str:
+        """What to select: a file of schema version 1 has no ``pressure_hpa`` (NULL for it)."""
+        if self._select is None:
+            assert self._conn is not None  # noqa: S101 - rows() checked it
+            try:
+                names = {row[1] for row in self._conn.execute("PRAGMA table_info(outbox)")}
+            except sqlite3.Error:
+                names = set()  # the schema cannot be read: the select fails as damage does
+            self._select = _COLUMNS_V1 if names and PRESSURE.field not in names else _COLUMNS
+        return self._select
 
     def _first_from(self, start: int) -> tuple[object, ...] | None:
         return self._one("SELECT seq FROM outbox WHERE seq >= ? ORDER BY seq LIMIT 1", (start,))

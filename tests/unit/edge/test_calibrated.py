@@ -13,7 +13,7 @@ from edge_agent.sensors import Calibrated, Sample, Sensor
 class Scripted:
     """A sensor that returns (or raises) what it is told, in order."""
 
-    def __init__(self, *outcomes: Sample | Exception, kind: str = "ds18b20") -> None:
+    def __init__(self, *outcomes: Sample | Exception, kind: str = "dht22") -> None:
         self._outcomes: Iterator[Sample | Exception] = iter(outcomes)
         self._kind = kind
         self.close_calls = 0
@@ -47,7 +47,7 @@ def read_all(sensor: Sensor, count: int) -> list[Sample]:
 def test_passes_through_by_default() -> None:
     sensor = Calibrated(Scripted(Sample(20.0, 40.0), Sample(30.0)))
     assert read_all(sensor, 2) == [Sample(20.0, 40.0), Sample(30.0)]
-    assert (sensor.id, sensor.kind) == ("t1", "ds18b20")
+    assert (sensor.id, sensor.kind) == ("t1", "dht22")
 
 
 def test_offset_applies_to_temperature_only() -> None:
@@ -117,3 +117,67 @@ def test_accepts_odd_windows(window: int) -> None:
 def test_rejects_bad_offsets(offset: float) -> None:
     with pytest.raises(ConfigError, match="offset_c"):
         Calibrated(Scripted(), offset_c=offset)
+
+
+# --- the contract's ranges: a reading the pipeline would dead-letter is a read error ----------
+
+
+def test_an_offset_that_pushes_past_the_kinds_range_is_a_read_error() -> None:
+    """The issue's finding: 124.8 °C is a DS18B20 reading, 125.3 °C is not (-55..125)."""
+    sensor = Calibrated(Scripted(Sample(124.8), kind="ds18b20"), offset_c=0.5)
+    with pytest.raises(SensorError) as caught:
+        sensor.read()
+    message = str(caught.value)
+    assert "sensor t1" in message
+    assert "125.3" in message
+    assert "+0.5" in message
+    assert "-55..125" in message
+    assert "offset_c" in message
+
+
+def test_an_offset_that_stays_within_the_range_is_a_reading() -> None:
+    sensor = Calibrated(Scripted(Sample(124.5), kind="ds18b20"), offset_c=0.5)
+    assert sensor.read() == Sample(125.0)
+
+
+def test_a_negative_offset_past_the_bottom_of_the_range_is_a_read_error() -> None:
+    sensor = Calibrated(Scripted(Sample(-39.9, 50.0), kind="dht22"), offset_c=-0.5)
+    with pytest.raises(SensorError, match=r"-40\.4.*-40\.\.80"):
+        sensor.read()
+
+
+@pytest.mark.parametrize(
+    ("sample", "kind", "message"),
+    [
+        (Sample(20.0, 100.5), "dht22", r"humidity_pct.*100\.5.*0\.\.100"),
+        (Sample(20.0, -0.1), "dht22", r"humidity_pct.*-0\.1.*0\.\.100"),
+        (Sample(20.0, 50.0, 1100.2), "bme280", r"pressure_hpa.*1100\.2.*300\.\.1100"),
+        (Sample(20.0, 50.0, 299.0), "bme280", r"pressure_hpa.*299.*300\.\.1100"),
+        (Sample(90.0, 50.0, 1000.0), "bme280", r"temperature_c.*90.*-40\.\.85"),
+        (Sample(float("nan")), "ds18b20", r"temperature_c.*nan"),
+        (Sample(20.0, 50.0), "ds18b20", r"humidity_pct.*a ds18b20 measures no"),
+        (Sample(20.0, None, 1000.0), "dht22", r"pressure_hpa.*a dht22 measures no"),
+    ],
+)
+def test_every_measured_field_is_held_to_the_kinds_range(
+    sample: Sample, kind: str, message: str
+) -> None:
+    sensor = Calibrated(Scripted(sample, kind=kind))
+    with pytest.raises(SensorError, match=message):
+        sensor.read()
+
+
+def test_the_window_keeps_the_raw_reading_that_failed_the_range() -> None:
+    """The range is checked on what would be sent; the median still sees the raw value."""
+    script = [Sample(124.0), Sample(125.0), Sample(124.0)]
+    sensor = Calibrated(Scripted(*script, kind="ds18b20"), offset_c=0.6, median_window=3)
+    assert sensor.read().temperature_c == pytest.approx(124.6)
+    with pytest.raises(SensorError, match=r"125\.1"):
+        sensor.read()  # median 124.5 + 0.6 = 125.1 > 125
+    assert sensor.read().temperature_c == pytest.approx(124.6)
+
+
+def test_pressure_is_filtered_like_the_others() -> None:
+    script = [Sample(20.0, 40.0, 1000.0), Sample(20.0, 40.0, 400.0), Sample(20.0, 40.0, 1001.0)]
+    sensor = Calibrated(Scripted(*script, kind="bme280"), median_window=3)
+    assert [s.pressure_hpa for s in read_all(sensor, 3)] == [1000.0, 700.0, 1000.0]

@@ -11,6 +11,7 @@ from gpiozero.pins.mock import MockFactory
 
 from edge_agent.errors import SensorError
 from edge_agent.sensors import (
+    BME280,
     DHT22,
     DS18B20,
     SENSOR_ID_PATTERN,
@@ -20,7 +21,9 @@ from edge_agent.sensors import (
     Sample,
     Sensor,
     Simulated,
+    check_sample,
 )
+from tempmon_contract.kinds import KINDS as CONTRACT_KINDS
 
 W1_SLAVE = "72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n72 01 4b 46 7f ff 0e 10 57 t=23125\n"
 
@@ -78,12 +81,21 @@ def simulated(_tmp_path: Path) -> Sensor:
     return Simulated("sim-3", seed=1, humidity=True, clock=lambda: 1_748_736_000.0)
 
 
+def bme280(_tmp_path: Path) -> Sensor:
+    pytest.importorskip("adafruit_bme280")
+    from edge_agent.sensors.fakes import FakeBME280Bus  # noqa: PLC0415
+
+    bus = FakeBME280Bus(temperature_c=18.25, humidity_pct=55.5, pressure_hpa=1002.0)
+    return BME280("bme-1", i2c=lambda _number: bus)
+
+
 def calibrated(tmp_path: Path) -> Sensor:
     return Calibrated(simulated(tmp_path), offset_c=-0.5, median_window=3)
 
 
 # (factory, expected id, expected kind, measures humidity)
 KINDS: dict[str, tuple[Callable[[Path], Sensor], str, str, bool]] = {
+    "bme280": (bme280, "bme-1", "bme280", True),
     "ds18b20": (ds18b20, "28-0316a2b4c5ff", "ds18b20", False),
     "dht22": (dht22, "dht-1", "dht22", True),
     "cpu": (cpu, "cpu", "cpu", False),
@@ -110,7 +122,7 @@ def test_id_and_kind(case: tuple[Sensor, str, str, bool]) -> None:
     assert sensor.id == sensor_id
     assert SENSOR_ID_PATTERN.fullmatch(sensor.id)
     assert sensor.kind == kind
-    assert kind in {"ds18b20", "dht22", "cpu", "simulated"}
+    assert kind in CONTRACT_KINDS
 
 
 def test_read_returns_finite_floats(case: tuple[Sensor, str, str, bool]) -> None:
@@ -147,3 +159,13 @@ def test_read_after_close_is_a_sensor_error(case: tuple[Sensor, str, str, bool])
     sensor.close()
     with pytest.raises(SensorError, match="closed"):
         sensor.read()
+
+
+def test_readings_are_what_the_contract_allows_for_the_kind(
+    case: tuple[Sensor, str, str, bool],
+) -> None:
+    """Every field within the kind's range, and pressure exactly where the kind measures it."""
+    sensor, _, kind, _ = case
+    sample = sensor.read()
+    assert check_sample(sensor.id, sensor.kind, sample) is sample
+    assert (sample.pressure_hpa is not None) == ("pressure_hpa" in CONTRACT_KINDS[kind].measures)

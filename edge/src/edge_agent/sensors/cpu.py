@@ -8,10 +8,13 @@ any machine.
 from __future__ import annotations
 
 import math
-from typing import Final, Protocol
+from pathlib import Path
+from typing import ClassVar, Final, Protocol
 
 from edge_agent.errors import SensorError
-from edge_agent.sensors.base import ClosingContext, Sample, check_sensor_id
+from edge_agent.sensors.base import ClosingContext, Sample, Sensor, check_sensor_id
+from edge_agent.sensors.fields import Field, Settings
+from tempmon_contract.kinds import KINDS, Kind
 
 __all__ = ["DEFAULT_SENSOR_FILE", "CPUTemp"]
 
@@ -20,7 +23,7 @@ DEFAULT_SENSOR_FILE: Final = "/sys/class/thermal/thermal_zone0/temp"
 
 # The BCM SoC's sensor is specified -40..+85 °C and reads up to its 125 °C limit before
 # shutdown (the same range pipeline.decode accepts for kind "cpu").
-_RANGE_C: Final = (-40.0, 125.0)
+_RANGE_C: Final = KINDS["cpu"].temperature
 
 
 class _CPUTemperatureDevice(Protocol):
@@ -34,6 +37,18 @@ class _CPUTemperatureDevice(Protocol):
 
 class CPUTemp(ClosingContext):
     """The CPU temperature of the Pi the agent runs on."""
+
+    KIND: ClassVar[Kind] = KINDS["cpu"]
+    FIELDS: ClassVar[tuple[Field, ...]] = ()
+    MIN_INTERVAL_S: ClassVar[float] = 0.01
+
+    @classmethod
+    def settle(cls, where: str, sensor_id: str, settings: dict[str, object]) -> None:
+        """Nothing to check across fields."""
+
+    @classmethod
+    def from_settings(cls, sensor_id: str, settings: Settings, *, w1_root: Path) -> Sensor:  # noqa: ARG003 - the registry calls every driver alike
+        return cls(sensor_id)
 
     def __init__(
         self,
@@ -62,7 +77,7 @@ class CPUTemp(ClosingContext):
 
     @property
     def kind(self) -> str:
-        return "cpu"
+        return self.KIND.name
 
     def read(self) -> Sample:
         """Read the thermal zone.

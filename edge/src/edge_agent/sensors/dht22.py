@@ -12,15 +12,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Final, Protocol
+from pathlib import Path
+from typing import ClassVar, Final, Protocol
 
 from edge_agent.errors import ConfigError, SensorError
-from edge_agent.sensors.base import ClosingContext, Sample, check_sensor_id
+from edge_agent.sensors.base import ClosingContext, Sample, Sensor, check_sensor_id
+from edge_agent.sensors.fields import Field, Settings
+from tempmon_contract.kinds import HUMIDITY, KINDS, Kind
 
 __all__ = ["DHT22", "DHTDevice"]
 
-_TEMPERATURE_RANGE_C: Final = (-40.0, 80.0)  # datasheet
-_HUMIDITY_RANGE_PCT: Final = (0.0, 100.0)
+_TEMPERATURE_RANGE_C: Final = KINDS["dht22"].temperature  # datasheet: -40..80 °C
+_HUMIDITY_RANGE_PCT: Final = KINDS["dht22"].range_of(HUMIDITY.field)
 _GPIO_PINS: Final = range(28)  # BCM numbers on the 40-pin header
 _WIRING_HINT: Final = (
     "check that the pin is the BCM GPIO number (not the physical pin number), the 10 kΩ "
@@ -89,6 +92,24 @@ class DHT22(ClosingContext):
     times, at least ``retry_delay_s`` after the previous attempt.
     """
 
+    KIND: ClassVar[Kind] = KINDS["dht22"]
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        Field("pin", int, help="its BCM GPIO number", low=0, high=27, required=True),
+    )
+    MIN_INTERVAL_S: ClassVar[float] = 2.0
+    """The sensor's minimum sampling period (AM2302 datasheet)."""
+
+    @classmethod
+    def settle(cls, where: str, sensor_id: str, settings: dict[str, object]) -> None:
+        """Nothing to check across fields."""
+
+    @classmethod
+    def from_settings(cls, sensor_id: str, settings: Settings, *, w1_root: Path) -> Sensor:  # noqa: ARG003 - the registry calls every driver alike
+        pin = settings.integer("pin")
+        if pin is None:
+            raise ConfigError(f"sensor {sensor_id}: a dht22 needs a pin")
+        return cls(sensor_id, pin)
+
     def __init__(
         self,
         sensor_id: str,
@@ -138,7 +159,7 @@ class DHT22(ClosingContext):
 
     @property
     def kind(self) -> str:
-        return "dht22"
+        return self.KIND.name
 
     @property
     def pin(self) -> int:

@@ -11,10 +11,12 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 
 from edge_agent.errors import ConfigError, SensorError
-from edge_agent.sensors.base import ClosingContext, Sample, check_sensor_id
+from edge_agent.sensors.base import ClosingContext, Named, Sample, Sensor, check_sensor_id
+from edge_agent.sensors.fields import Field, Settings
+from tempmon_contract.kinds import KINDS, Kind
 
 __all__ = [
     "DS18B20",
@@ -47,7 +49,7 @@ _ALL_ZERO: Final = "00 " * 9
 # what the kernel decodes when the bus reads all ones: insufficient power or a bus fault.
 _POWER_ON_MILLI: Final = 85000
 _BUS_FAULT_MILLI: Final = 127937
-_RANGE_C: Final = (-55.0, 125.0)  # datasheet
+_RANGE_C: Final = KINDS["ds18b20"].temperature  # datasheet: -55..125 °C
 
 
 class _TransientError(SensorError):
@@ -153,6 +155,32 @@ class DS18B20(ClosingContext):
     ``retry_delay_s`` apart.
     """
 
+    KIND: ClassVar[Kind] = KINDS["ds18b20"]
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        Field("device", str, help="its 1-Wire id (28-...) when id is a friendly name"),
+    )
+    MIN_INTERVAL_S: ClassVar[float] = 0.01
+
+    @classmethod
+    def settle(cls, where: str, sensor_id: str, settings: dict[str, object]) -> None:
+        """``device`` defaults to the id, and must be a DS18B20's 1-Wire id.
+
+        Raises:
+            ConfigError: it is not (``where.device`` and the value).
+        """
+        device = settings.get("device") or sensor_id
+        if not isinstance(device, str) or not _DEVICE_ID.fullmatch(device):
+            raise ConfigError(
+                f"{where}.device = {device!r} is not a DS18B20 1-Wire id like "
+                "28-0316a2b4c5ff: run `edge-agent detect`, and give a friendly name in id"
+            )
+        settings["device"] = device
+
+    @classmethod
+    def from_settings(cls, sensor_id: str, settings: Settings, *, w1_root: Path) -> Sensor:
+        sensor = cls(settings.text("device") or sensor_id, root=w1_root)
+        return sensor if sensor.id == sensor_id else Named(sensor, sensor_id)
+
     def __init__(
         self,
         device_id: str,
@@ -196,7 +224,7 @@ class DS18B20(ClosingContext):
 
     @property
     def kind(self) -> str:
-        return "ds18b20"
+        return self.KIND.name
 
     def read(self) -> Sample:
         """Read the temperature, from ``temperature`` if the kernel has it, else ``w1_slave``.

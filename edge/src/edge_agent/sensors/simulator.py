@@ -13,10 +13,13 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Final
+from pathlib import Path
+from typing import ClassVar, Final
 
 from edge_agent.errors import ConfigError, SensorError
-from edge_agent.sensors.base import ClosingContext, Sample, check_sensor_id
+from edge_agent.sensors.base import ClosingContext, Sample, Sensor, check_sensor_id
+from edge_agent.sensors.fields import Field, Settings
+from tempmon_contract.kinds import KINDS, Kind
 
 __all__ = ["Simulated", "daily_cycle", "default_sensors"]
 
@@ -49,6 +52,30 @@ def daily_cycle(unix_time: float) -> float:
 
 class Simulated(ClosingContext):
     """A sensor that makes its readings up, reproducibly."""
+
+    KIND: ClassVar[Kind] = KINDS["simulated"]
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        Field("seed", int, help="its random seed (default: from its id)", low=0, high=2**31),
+        Field("humidity", bool, False, "whether its readings carry humidity_pct"),
+        Field("dropout_rate", float, 0.0, "share of reads that fail", low=0.0, high=1.0),
+        Field("spike_rate", float, 0.0, "share of reads with a spike", low=0.0, high=1.0),
+    )
+    MIN_INTERVAL_S: ClassVar[float] = 0.01
+
+    @classmethod
+    def settle(cls, where: str, sensor_id: str, settings: dict[str, object]) -> None:
+        """Nothing to check across fields."""
+
+    @classmethod
+    def from_settings(cls, sensor_id: str, settings: Settings, *, w1_root: Path) -> Sensor:  # noqa: ARG003 - the registry calls every driver alike
+        seed = settings.integer("seed")
+        return cls(
+            sensor_id,
+            seed=seed if seed is not None else sum(map(ord, sensor_id)),
+            humidity=settings.flag("humidity"),
+            dropout_rate=settings.number("dropout_rate"),
+            spike_rate=settings.number("spike_rate"),
+        )
 
     def __init__(
         self,
@@ -110,7 +137,7 @@ class Simulated(ClosingContext):
 
     @property
     def kind(self) -> str:
-        return "simulated"
+        return self.KIND.name
 
     @property
     def has_humidity(self) -> bool:
