@@ -161,10 +161,38 @@ BOOT_CONFIGS = [
 ]
 
 
-@pytest.mark.slow
-def test_onewire_overlay_goes_under_a_final_all_section(tmp_path: Path) -> None:
+# (name, current config.txt, expected config.txt): I2C for a BME280.
+I2C_BOOT_CONFIGS = [
+    ("empty", "", "dtparam=i2c_arm=on\n"),
+    ("raspi-config-line", "[all]\ndtparam=i2c_arm=on\n", "[all]\ndtparam=i2c_arm=on\n"),
+    ("alias-among-others", "dtparam=audio=on,i2c=on\n", "dtparam=audio=on,i2c=on\n"),
+    (
+        "with-baudrate",
+        "[all]\ndtparam=i2c_arm=on,i2c_arm_baudrate=400000\n",
+        "[all]\ndtparam=i2c_arm=on,i2c_arm_baudrate=400000\n",
+    ),
+    ("commented-out", "#dtparam=i2c_arm=on\n", "#dtparam=i2c_arm=on\ndtparam=i2c_arm=on\n"),
+    (
+        "turned-off-later",
+        "dtparam=i2c_arm=on\ndtparam=i2c_arm=off\n",
+        "dtparam=i2c_arm=on\ndtparam=i2c_arm=off\ndtparam=i2c_arm=on\n",
+    ),
+    ("another-bus", "dtparam=i2c_vc=on", "dtparam=i2c_vc=on\ndtparam=i2c_arm=on\n"),
+    (
+        "only-under-a-filter",
+        "[pi4]\ndtparam=i2c_arm=on\n",
+        "[pi4]\ndtparam=i2c_arm=on\n[all]\ndtparam=i2c_arm=on\n",
+    ),
+]
+
+
+def _edit_boot_configs(
+    tmp_path: Path, cases: dict[str, tuple[str, dict[str, object]]], task: str
+) -> None:
+    """Run one config.txt task file of the edge role on a local host per case, twice: the
+    second run must change nothing. ``cases``: name -> (current config.txt, host variables)."""
     hosts: dict[str, dict[str, object]] = {}
-    for name, current, pin, _expected in BOOT_CONFIGS:
+    for name, (current, host_vars) in cases.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.txt").write_text(current, encoding="utf-8")
         hosts[name] = {
@@ -175,31 +203,65 @@ def test_onewire_overlay_goes_under_a_final_all_section(tmp_path: Path) -> None:
                 str(tmp_path / name / "firmware" / "config.txt"),
                 str(tmp_path / name / "config.txt"),
             ],
-            "edge_agent_w1_gpio_pin": pin,
             # A local connection: the reboot module refuses it anyway, but never try.
             "edge_agent_reboot": False,
+            **host_vars,
         }
     inventory = tmp_path / "inventory.json"
     inventory.write_text(json.dumps({"all": {"hosts": hosts}}), encoding="utf-8")
-    playbook = tmp_path / "onewire.yml"
+    playbook = tmp_path / "boot-config.yml"
     playbook.write_text(
-        "- name: Only the 1-Wire part of the edge role\n"
+        "- name: Only a config.txt part of the edge role\n"
         "  hosts: all\n"
         "  gather_facts: false\n"
         "  tasks:\n"
+        f"{task}",
+        encoding="utf-8",
+    )
+    env = _ansible_env(ANSIBLE_ROLES_PATH=str(ANSIBLE_DIR / "roles"))
+    first = _playbook(["-i", str(inventory), str(playbook)], env)
+    # The handler is notified once per host that changed, and runs (skipped here) once.
+    assert first.count("RUNNING HANDLER [edge_agent : Reboot to apply config.txt]") <= 1, first
+    second = _recap(_playbook(["-i", str(inventory), str(playbook)], env))
+    assert set(second) == set(hosts)
+    assert all(counts["changed"] == 0 for counts in second.values()), second
+
+
+@pytest.mark.slow
+def test_onewire_overlay_goes_under_a_final_all_section(tmp_path: Path) -> None:
+    cases = {
+        name: (current, {"edge_agent_w1_gpio_pin": pin})
+        for name, current, pin, _expected in BOOT_CONFIGS
+    }
+    _edit_boot_configs(
+        tmp_path,
+        cases,
         "    - name: Add the overlay\n"
         "      ansible.builtin.include_role:\n"
         "        name: edge_agent\n"
         "        tasks_from: onewire.yml\n",
-        encoding="utf-8",
     )
-    env = _ansible_env(ANSIBLE_ROLES_PATH=str(ANSIBLE_DIR / "roles"))
-    _playbook(["-i", str(inventory), str(playbook)], env)
     for name, _current, _pin, expected in BOOT_CONFIGS:
         assert (tmp_path / name / "config.txt").read_text(encoding="utf-8") == expected, name
-    second = _recap(_playbook(["-i", str(inventory), str(playbook)], env))
-    assert set(second) == set(hosts)
-    assert all(counts["changed"] == 0 for counts in second.values()), second
+
+
+@pytest.mark.slow
+def test_i2c_goes_under_a_final_all_section(tmp_path: Path) -> None:
+    """The config.txt part of tasks/i2c.yml (the rest loads a kernel module: the chroot test)."""
+    _edit_boot_configs(
+        tmp_path,
+        {name: (current, {}) for name, current, _expected in I2C_BOOT_CONFIGS},
+        "    - name: Turn I2C on\n"
+        "      ansible.builtin.include_role:\n"
+        "        name: edge_agent\n"
+        "        tasks_from: boot_config.yml\n"
+        "      vars:\n"
+        '        edge_agent_boot_line: "{{ edge_agent_i2c_line }}"\n'
+        '        edge_agent_boot_line_regex: "{{ edge_agent_i2c_line_regex }}"\n'
+        "        edge_agent_boot_line_for: a BME280\n",
+    )
+    for name, _current, expected in I2C_BOOT_CONFIGS:
+        assert (tmp_path / name / "config.txt").read_text(encoding="utf-8") == expected, name
 
 
 # --- the gateway's broker users, against the tests' real RabbitMQ ---------------------------------
@@ -316,8 +378,8 @@ print(json.dumps({
     "node": c.node_id, "host": c.mqtt.host, "port": c.mqtt.port, "user": c.mqtt.username,
     "password": c.mqtt.password, "ca": str(c.mqtt.ca_file) if c.mqtt.ca_file else None,
     "outbox": str(c.outbox.path), "require_sync": c.clock.require_sync, "led": c.led_pin,
-    "sensors": [[s.id, s.kind, s.device, s.pin, s.interval_s, s.offset_c, s.median_window]
-                for s in c.sensors],
+    "sensors": [[s.id, s.kind, s.device, s.pin, s.interval_s, s.offset_c, s.median_window,
+                 s.settings.get("address")] for s in c.sensors],
 }))
 """
 
@@ -334,7 +396,7 @@ MDWE_IMPORTS = (
     "assert ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x + 1)(1) == 2\n"
     "import importlib.util as u\n"
     "if u.find_spec('gpiozero'):\n"
-    "    import gpiozero, adafruit_dht\n"
+    "    import gpiozero, adafruit_dht, adafruit_bme280.basic\n"
 )
 
 
@@ -367,6 +429,13 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
             "arm_boost=1\n"
         )
         (garage / "boot/config.txt").write_text("dtparam=audio=on\n[all]\ndtoverlay=vc4-kms-v3d")
+        # pi-kitchen was provisioned before contract/ existed: the agent's tree was the source
+        # directory itself, and the fingerprint is of that layout.
+        old_src = kitchen / "opt/edge-agent/src"
+        (old_src / "src/edge_agent").mkdir(parents=True)
+        (old_src / "pyproject.toml").write_text('[project]\nname = "edge-agent"\n')
+        (old_src / "src/edge_agent/__init__.py").write_text("")
+        (kitchen / "opt/edge-agent/.installed").write_text("0" * 64 + "\n")
 
         # The example inventory's Pis, reached through the chroot connection instead of SSH.
         inventory = tmp_path / "chroot-inventory.json"
@@ -393,15 +462,20 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
             )
         )
         args = ["-i", str(EXAMPLE_INVENTORY), "-i", str(inventory), "--limit", "edge", "edge.yml"]
-        first = _playbook(args)
+        # Pipelining, as ansible.cfg turns it on for SSH to a real Pi: each module runs from
+        # its interpreter's stdin instead of being copied into the root, made executable, run
+        # and removed (four chroot processes per task instead of one). No become in a chroot.
+        env = _ansible_env(ANSIBLE_PIPELINING="True")
+        first = _playbook(args, env)
         print(f"first run:\n{first[-1500:]}")
-        assert "RUNNING HANDLER [edge_agent : Reboot to load the 1-Wire overlay]" in first
-        second = _playbook(args)
+        # One reboot for pi-garage's 1-Wire overlay and I2C line together (and pi-kitchen's).
+        assert first.count("RUNNING HANDLER [edge_agent : Reboot to apply config.txt]") == 1
+        second = _playbook(args, env)
         recap = _recap(second)
         assert set(recap) == {"pi-kitchen", "pi-garage"}, second
         assert all(counts["changed"] == 0 for counts in recap.values()), second
         # A dry run on a provisioned Pi has nothing to report either.
-        dry = _recap(_playbook([*args, "--check", "--diff"]))
+        dry = _recap(_playbook([*args, "--check", "--diff"], env))
         assert all(counts["changed"] == 0 for counts in dry.values()), dry
 
         # The overlay, under a final [all] section.
@@ -412,7 +486,12 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
         )
         assert (garage / "boot/config.txt").read_text() == (
             "dtparam=audio=on\n[all]\ndtoverlay=vc4-kms-v3d\ndtoverlay=w1-gpio,gpiopin=22\n"
+            "dtparam=i2c_arm=on\n"
         )
+        # I2C only where a BME280 is: i2c-dev loaded at boot (/dev/i2c-1).
+        assert (garage / "etc/modules-load.d/i2c-dev.conf").read_text().endswith("\ni2c-dev\n")
+        assert not (kitchen / "etc/modules-load.d/i2c-dev.conf").exists()
+        assert "i2c_arm" not in (kitchen / "boot/firmware/config.txt").read_text()
 
         for root, node in ((kitchen, "pi-kitchen"), (garage, "pi-garage")):
             assert in_root(root, "/opt/edge-agent/bin/edge-agent", "--version").stdout.strip() == (
@@ -426,12 +505,28 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
                 "import importlib.metadata as m; print(m.version('paho-mqtt'))",
             )
             assert paho.stdout.strip() == pins["paho-mqtt"]
+            # The contract package from the copied contract/, beside the agent's edge/ (on
+            # pi-kitchen in place of the old layout's tree).
+            contract = in_root(
+                root,
+                "/opt/edge-agent/bin/python",
+                "-c",
+                "import importlib.metadata as m, tempmon_contract as c; "
+                "print(m.version('tempmon-contract'), c.__file__)",
+            )
+            assert contract.stdout.split()[0] == pins["tempmon-contract"]
+            assert contract.stdout.split()[1].startswith("/opt/edge-agent/lib/")
+            assert sorted(p.name for p in (root / "opt/edge-agent/src").iterdir()) == [
+                "contract",
+                "edge",
+            ]
 
-            # The service user, in gpio; the files only it (and root) can read.
+            # The service user, in gpio and i2c; the files only it (and root) can read.
             user = _account(root, "passwd", "edge-agent")
             group = _account(root, "group", "edge-agent")
-            gpio = _account(root, "group", "gpio")
-            assert "edge-agent" in gpio[3].split(","), gpio
+            for device_group in ("gpio", "i2c"):
+                members = _account(root, "group", device_group)
+                assert "edge-agent" in members[3].split(","), members
             assert user[6] == "/usr/sbin/nologin"
             for path, mode in (
                 ("etc/edge-agent", 0o750),
@@ -469,7 +564,7 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
                 "Restart=always",
                 "RestartSec=5",
                 "User=edge-agent",
-                "SupplementaryGroups=gpio",
+                "SupplementaryGroups=gpio i2c",
                 "StateDirectory=edge-agent",
                 "TimeoutStopSec=30",
                 "NoNewPrivileges=yes",
@@ -519,24 +614,37 @@ def test_edge_playbook_in_a_debian_chroot(tmp_path: Path) -> None:
             ["fridge", "ds18b20", "28-0316a2b4c5ff"],
             ["28-0416b3c4d5e6", "ds18b20", "28-0416b3c4d5e6"],
         ]
-        assert kitchen_config["sensors"][0][4:] == [30.0, -0.2, 3]
+        assert kitchen_config["sensors"][0][4:7] == [30.0, -0.2, 3]
         assert (kitchen / "etc/edge-agent/ca.pem").read_text() == ca_file.read_text()
         no_extra = in_root(
             kitchen, "/opt/edge-agent/bin/python", "-c", "import gpiozero", check=False
         )
         assert no_extra.returncode != 0, "gpiozero was installed without a DHT22, CPU or LED"
 
-        # pi-garage: DHT22 + CPU + LED, so the `pi` extra and libgpiod; plain MQTT.
+        # pi-garage: DHT22 + CPU + LED + BME280, so the `pi` extra and libgpiod; plain MQTT.
         garage_config = json.loads(
             in_root(garage, "/opt/edge-agent/bin/python", "-I", "-c", CONFIG_PROBE).stdout
         )
         assert garage_config["port"] == 1883
         assert garage_config["ca"] is None
         assert garage_config["led"] == 27
-        assert [s[1] for s in garage_config["sensors"]] == ["dht22", "ds18b20", "cpu"]
+        assert [s[1] for s in garage_config["sensors"]] == ["dht22", "ds18b20", "cpu", "bme280"]
         assert garage_config["sensors"][0][3] == 17
-        in_root(garage, "/opt/edge-agent/bin/python", "-c", "import gpiozero, adafruit_dht")
-        for name in ("gpiozero", "adafruit-circuitpython-dht"):
+        # The inventory's address: 0x76 is a number in YAML, written as 0x76 to config.toml.
+        assert garage_config["sensors"][3][7] == 0x76
+        assert "\naddress = 0x76\n" in (garage / "etc/edge-agent/config.toml").read_text()
+        in_root(
+            garage,
+            "/opt/edge-agent/bin/python",
+            "-c",
+            "import gpiozero, adafruit_dht, adafruit_bme280.basic",
+        )
+        for name in (
+            "gpiozero",
+            "adafruit-circuitpython-dht",
+            "adafruit-circuitpython-bme280",
+            "adafruit-extended-bus",
+        ):
             installed = in_root(
                 garage,
                 "/opt/edge-agent/bin/python",
