@@ -120,8 +120,9 @@ def postgres(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
 
 @pytest.fixture
 def database(postgres: PostgresServer) -> Iterator[Database]:
-    """A new database, with roles from gateway/postgres/ and the schema from `pipeline migrate`."""
-    name, owner_url = postgres.owned_database()
+    """A new database, with roles from gateway/postgres/ and the schema from `pipeline migrate`
+    (a copy of one database it migrated: see PostgresServer.migrated_database)."""
+    name, owner_url = postgres.migrated_database()
     yield Database(
         server=postgres,
         name=name,

@@ -59,6 +59,8 @@ class PostgresServer:
         # The gateway's login roles are the cluster's, shared by every database in it, so
         # their passwords are the server's: one init-roles.sh run never breaks another's URLs.
         self.role_passwords = {role: secrets.token_urlsafe(12) for role in ROLES}
+        # (name, the server's date when it was migrated) of migrated_database()'s template.
+        self._template: tuple[str, str] | None = None
         self._initdb()
 
     def _as_service(self) -> dict[str, object]:
@@ -206,6 +208,35 @@ class PostgresServer:
         url = self.role_url(name, "owner")
         migrate(url)
         return name, url
+
+    def migrated_database(self, prefix: str = "t") -> tuple[str, str]:
+        """What :meth:`owned_database` makes, copied from a template made by it.
+
+        `pipeline migrate` runs once (a second or more on a loaded machine) into a template
+        database; each new database is a copy of it (``CREATE DATABASE ... TEMPLATE``: the
+        schema, its owners and privileges, the migration records), then init-roles.sh runs on
+        the copy as on a fresh database, for what a copy does not inherit (the database's owner
+        and its CONNECT and TEMPORARY privileges). Migration 0006 makes partitions around the
+        server's ``now()``, so a new template is made when the server's date has changed.
+        """
+        with self.connect() as conn:
+            row = conn.execute("SELECT now()::date::text").fetchone()
+        today = str(row[0]) if row else ""
+        if self._template is None or self._template[1] != today:
+            template, _ = self.owned_database("template")
+            self._template = (template, today)
+        template = self._template[0]
+        self._dbs += 1
+        name = f"{prefix}_{self._dbs}_{secrets.token_hex(3)}"
+        with self.connect() as conn:
+            # A copy needs its template without sessions; none is left open on purpose.
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (template,),
+            )
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        self.init_roles(name)
+        return name, self.role_url(name, "owner")
 
     def init_roles(
         self,

@@ -47,7 +47,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.outbox import Outbox
-from pipeline.decode import Reading, encode_reading
+from tempmon_contract.wire import reading_payload
 from tests.conftest import Database
 from tests.harness import NodeCredentials, RabbitBroker
 from tests.harness.agent_proc import AgentProcess, outbox_state, write_config
@@ -289,8 +289,11 @@ class Chain:
             PROGRESS_TIMEOUT_S,
             0.25,
         )
+        # SIGTERM to every agent at once, then wait for each: they flush side by side.
+        for agent in self.agents.values():
+            agent.signal_terminate()
         for node, agent in self.agents.items():
-            code = agent.terminate(60)
+            code = agent.proc.wait(60)
             assert code == 0, f"{node}: edge-agent exited with {code}:\n{agent.log[-3000:]}"
         expected = dict(self.producers)
         for node in self.agents:
@@ -315,8 +318,11 @@ class Chain:
             60,
             0.5,
         )
-        for consumer in self.live_consumers():
-            assert consumer.terminate(60) == 0, consumer.log[-3000:]
+        live = self.live_consumers()
+        for consumer in live:
+            consumer.signal_terminate()
+        for consumer in live:
+            assert consumer.proc.wait(60) == 0, consumer.log[-3000:]
         self.result.duplicates = sum(
             int(n) for c in self.consumers for n in _DUPLICATES.findall(c.log)
         )
@@ -512,17 +518,13 @@ def _publish_twice(rabbit: RabbitBroker, creds: NodeCredentials, count: int) -> 
         sent: list[mqtt.MQTTMessageInfo] = []
         for seq in range(1, count + 1):
             sensor = f"t{seq % 3}"
-            body = encode_reading(
-                Reading(
-                    node=creds.username,
-                    sensor=sensor,
-                    kind="simulated",
-                    seq=seq,
-                    ts=base + timedelta(milliseconds=20 * seq),
-                    temperature_c=20 + (seq % 50) / 10,
-                    humidity_pct=None,
-                    time_uncertain=False,
-                )
+            body = reading_payload(
+                node=creds.username,
+                sensor=sensor,
+                kind="simulated",
+                seq=seq,
+                ts=base + timedelta(milliseconds=20 * seq),
+                temperature_c=20 + (seq % 50) / 10,
             )
             topic = f"sensors/{creds.username}/{sensor}"
             sent.extend(client.publish(topic, body, qos=1) for _ in range(2))
