@@ -75,6 +75,12 @@ COPY (
 ) TO STDOUT
 """
 
+# The columns _GENERATE writes, by name: later migrations add columns (0007: pressure_hpa).
+_COPY_INTO = (
+    "COPY readings (node, sensor, seq, kind, ts, temperature_c, humidity_pct, time_uncertain,"
+    " received_at) FROM STDIN"
+)
+
 _ROLLUP = """
 INSERT INTO readings_minute
     (node, sensor, minute, kind, n, sum_c, min_c, max_c, n_h, sum_h, min_h, max_h,
@@ -210,7 +216,7 @@ def load(url: str, sensors: int, readings: int, end: datetime) -> int:
             )
             with (
                 src.cursor().copy(sql) as out,
-                dst.cursor().copy("COPY readings FROM STDIN") as into,
+                dst.cursor().copy(_COPY_INTO) as into,
             ):
                 for block in out:
                     into.write(block)
