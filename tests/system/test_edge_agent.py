@@ -346,6 +346,21 @@ offset_c = -0.5
 """
 
 
+def _fake_bme280_board(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents started from now on find, on PYTHONPATH, a Blinka `board` whose I2C bus is a fake
+    BME280 at 0x76 reading 23.5 °C, 61.25 % and 987.5 hPa (edge_agent.sensors.fakes)."""
+    board = tmp_path / "fake-board"
+    board.mkdir()
+    (board / "board.py").write_text(
+        '"""Blinka\'s board, for this test: its I2C bus is a fake BME280."""\n'
+        "from edge_agent.sensors.fakes import board_i2c as I2C  # noqa: F401, N812\n"
+    )
+    path = [str(board), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
+    monkeypatch.setenv("EDGE_FAKE_BME280", "23.5,61.25,987.5")
+    monkeypatch.setenv("EDGE_FAKE_BME280_ADDRESS", "0x76")
+
+
 def test_a_bme280_on_a_fake_i2c_bus_publishes_pressure(
     rabbit: RabbitBroker,
     tmp_path: Path,
@@ -362,16 +377,7 @@ def test_a_bme280_on_a_fake_i2c_bus_publishes_pressure(
 
     from pipeline.decode import decode_reading  # noqa: PLC0415
 
-    board = tmp_path / "fake-board"
-    board.mkdir()
-    (board / "board.py").write_text(
-        '"""Blinka\'s board, for this test: its I2C bus is a fake BME280."""\n'
-        "from edge_agent.sensors.fakes import board_i2c as I2C  # noqa: F401, N812\n"
-    )
-    path = [str(board), *filter(None, [os.environ.get("PYTHONPATH")])]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
-    monkeypatch.setenv("EDGE_FAKE_BME280", "23.5,61.25,987.5")
-    monkeypatch.setenv("EDGE_FAKE_BME280_ADDRESS", "0x76")
+    _fake_bme280_board(tmp_path, monkeypatch)
     creds = rabbit.add_node("pi-bme")
     config = write_config(tmp_path / "agent", rabbit, creds, sensors=0, extra=BME280_SENSOR)
     agent = AgentProcess(config)
@@ -401,3 +407,69 @@ def test_a_bme280_on_a_fake_i2c_bus_publishes_pressure(
     statuses = [json.loads(body) for _, _, body in rabbit.drain("node-status")]
     heartbeat = next(s for s in statuses if "read_errors" in s)
     assert heartbeat["read_errors"] == {"weather": 0}
+
+
+def test_a_bme280_reading_goes_through_the_whole_chain_into_the_summary(
+    rabbit: RabbitBroker,
+    database: Database,
+    tmp_path: Path,
+    agents: list[AgentProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The new kind end to end with real processes: a real agent reading a BME280 on a fake
+    I2C bus, the broker, `pipeline consume`, PostgreSQL; every reading stored once, with its
+    pressure, and `sensor_summary` giving the pressure's mean, min and max."""
+    pytest.importorskip("adafruit_bme280")
+    import psycopg  # noqa: PLC0415
+
+    _fake_bme280_board(tmp_path, monkeypatch)
+    creds = rabbit.add_node("pi-bme-chain")
+    consumer = ConsumerProcess(rabbit, database.writer_url)
+    try:
+        config = write_config(tmp_path / "agent", rabbit, creds, sensors=0, extra=BME280_SENSOR)
+        agent = AgentProcess(config)
+        agents.append(agent)
+
+        def stored() -> int:
+            with psycopg.connect(database.owner_url) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM readings WHERE node = 'pi-bme-chain'"
+                ).fetchone()
+            return int(row[0]) if row else 0
+
+        wait_for("bme280 readings stored", lambda: stored() >= 10, 60, interval=0.2)
+        assert agent.terminate() == 0
+        _, top = outbox_state(tmp_path / "agent" / "outbox.sqlite")
+        with psycopg.connect(database.owner_url) as conn:
+
+            def newest() -> int:
+                row = conn.execute(
+                    "SELECT coalesce(max(seq), 0) FROM readings WHERE node = 'pi-bme-chain'"
+                ).fetchone()
+                return int(row[0]) if row else 0
+
+            wait_for("every reading stored", lambda: newest() == top, 60, interval=0.5)
+            rows = conn.execute(
+                "SELECT kind, count(*), count(DISTINCT seq), min(pressure_hpa), max(pressure_hpa),"
+                " min(humidity_pct), max(temperature_c)"
+                " FROM readings WHERE node = 'pi-bme-chain' GROUP BY kind"
+            ).fetchall()
+            summary = conn.execute(
+                "SELECT kind, readings, avg_pressure_hpa, min_pressure_hpa, max_pressure_hpa,"
+                " avg_humidity_pct FROM sensor_summary(now() - interval '1 hour', now())"
+                " WHERE node = 'pi-bme-chain'"
+            ).fetchall()
+    finally:
+        consumer.terminate()
+        consumer.close()
+    ((kind, count, distinct, p_min, p_max, h_min, t_max),) = rows
+    assert kind == "bme280"
+    assert count == distinct >= 10
+    assert p_min == p_max == pytest.approx(987.5, abs=0.01)
+    assert h_min == pytest.approx(61.25, abs=0.05)
+    assert t_max == pytest.approx(23.0, abs=0.01)  # the -0.5 offset
+    ((s_kind, readings, avg_p, min_p, max_p, avg_h),) = summary
+    assert (s_kind, readings) == ("bme280", count)
+    assert (min_p, max_p) == (p_min, p_max)
+    assert avg_p == pytest.approx(987.5, abs=0.01)
+    assert avg_h == pytest.approx(61.25, abs=0.05)
