@@ -150,21 +150,13 @@ class Cluster:
             )
 
         def formed() -> bool:
-            # Every node asked at once: three rabbitmqctl VMs side by side, not one after the
-            # other (a second or more each).
-            with ThreadPoolExecutor(len(self.nodes)) as pool:
-                seen = list(pool.map(self.running_nodes, range(len(self.nodes))))
-            return all(running == names for running in seen)
+            return all(self.running_nodes(i) == names for i in range(len(self.nodes)))
 
         wait_for("every quorum queue on every node", lambda: _quietly(replicated), timeout, 0.5)
         wait_for("all nodes running in one cluster", lambda: _quietly(formed), timeout, 0.5)
 
     def _reachable(self) -> list[int]:
-        # Asked of every node at once: for a compose node, ``running`` is a `docker compose ps`
-        # and a `docker inspect`.
-        with ThreadPoolExecutor(len(self.nodes)) as pool:
-            running = list(pool.map(lambda n: bool(n.running), self.nodes))
-        return [i for i, up in enumerate(running) if up and i not in self._cut]
+        return [i for i, n in enumerate(self.nodes) if n.running and i not in self._cut]
 
     def _all_queue_info(self, via: int | None = None) -> dict[str, dict[str, str]]:
         """name -> {leader, members, online} of every queue, from one node."""
