@@ -14,8 +14,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 
+from pipeline import store as store_module
 from pipeline.db import make_engine
 from pipeline.decode import Reading
 from pipeline.store import BatchResult, Store
@@ -67,6 +68,36 @@ def test_a_redelivered_batch_is_all_duplicates_and_no_conflict(engine: Engine) -
     batch = [_reading(seq) for seq in range(50)] + [_reading(50, humidity_pct=None, kind="cpu")]
     assert store.write(batch) == BatchResult(inserted=51, duplicates=0, statuses=0)
     assert store.write(batch) == BatchResult(inserted=0, duplicates=51, statuses=0)
+
+
+def test_a_batch_with_some_stored_keys_falls_back_and_counts_each_reading_once(
+    engine: Engine, database: Database
+) -> None:
+    """A new batch is tried with a plain INSERT; one with a stored key fails that without a
+    trace and is written ON CONFLICT DO NOTHING, on the same connection, which goes on."""
+    sent: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement in (store_module._WRITE_NEW_READINGS, store_module._WRITE_READINGS):
+            sent.append("plain" if statement == store_module._WRITE_NEW_READINGS else "on conflict")
+
+    event.listen(engine, "before_cursor_execute", record)
+    store = Store(engine)
+    assert store.write([_reading(seq) for seq in range(50)]) == BatchResult(
+        inserted=50, duplicates=0, statuses=0
+    )
+    assert sent == ["plain"]
+    # A partial redelivery: ten stored keys among forty new ones.
+    assert store.write([_reading(seq) for seq in range(40, 90)]) == BatchResult(
+        inserted=40, duplicates=10, statuses=0
+    )
+    assert sent == ["plain", "plain", "on conflict"]
+    assert store.write([_reading(seq) for seq in range(90, 100)]) == BatchResult(
+        inserted=10, duplicates=0, statuses=0
+    )
+    assert sent == ["plain", "plain", "on conflict", "plain"]
+    assert [row[0] for row in _stored(database)] == list(range(100))
+    assert _rolled_up(database) == 100
 
 
 @pytest.mark.parametrize(
