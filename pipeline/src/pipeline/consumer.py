@@ -25,6 +25,7 @@ another (pipeline.brokers); what the lost session had not acknowledged is redeli
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import logging
@@ -394,6 +395,7 @@ class Session:
             blocked_connection_timeout=300,
         )
         _skip_callback_lookup_for_deliveries(self._connection)
+        _coalesce_writes(self._connection)
         try:
             self._channel = self._connection.channel()
             self._channel.basic_qos(prefetch_count=self._settings.prefetch)
@@ -675,6 +677,32 @@ def _skip_callback_lookup_for_deliveries(connection: pika.BlockingConnection) ->
         return bool(original(frame_value))
 
     impl._process_callbacks = process_callbacks
+
+
+def _coalesce_writes(connection: pika.BlockingConnection) -> None:
+    """Send what pika has buffered in one ``send()`` instead of one per frame.
+
+    pika buffers each frame it writes as its own chunk and sends the chunks one at a time: a
+    dead-letter copy is three frames (method, header, body), so three system calls and three
+    TCP segments for the broker to read, and an ack one more. Joining the buffered chunks
+    before pika's own send loop keeps the bytes and their order and leaves partial sends and
+    errors to pika. If the pinned pika's transport lacks these attributes, nothing is changed
+    (tests/system/test_pika_fast_path.py).
+    """
+    transport: Any = getattr(getattr(connection, "_impl", None), "_transport", None)
+    produce = getattr(transport, "_produce", None)
+    buffers = getattr(transport, "_tx_buffers", None)
+    if produce is None or not isinstance(buffers, collections.deque):
+        return
+
+    def coalesced() -> None:
+        if len(buffers) > 1:
+            joined = b"".join(buffers)
+            buffers.clear()
+            buffers.append(joined)
+        produce()
+
+    transport._produce = coalesced
 
 
 def _decoder_failed(exc: Exception) -> str:
