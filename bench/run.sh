@@ -17,6 +17,7 @@ out="bench/out/$(date -u +%Y%m%dT%H%M%SZ).txt"
 {
     echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
     "$VENV/bin/python" -u -m bench.drain --readings "$readings"
+    "$VENV/bin/python" -u -m bench.statement --readings "$backlog"
     "$VENV/bin/python" -u -m bench.edge --backlog "$backlog" --seconds "$seconds"
     "$VENV/bin/python" -u -m bench.e2e --seconds "$seconds"
     "$VENV/bin/python" -u -m bench.capacity --levels "$nodes" --seconds "$steady"
