@@ -27,6 +27,12 @@ def _stat(pid: int) -> tuple[int, int, float] | None:
     return int(fields[1]), int(fields[3]), (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0.0 if it is gone)."""
+    stat = _stat(pid)
+    return stat[2] if stat is not None else 0.0
+
+
 def snapshot() -> dict[int, tuple[int, int, float]]:
     out = {}
     for entry in Path("/proc").iterdir():

@@ -54,14 +54,14 @@ from tests.harness import PostgresServer, RabbitBroker
 PREFETCH = 3000
 
 
-def readings(n: int, offset: int = 0) -> list[tuple[str, bytes]]:
+def reading_rows(n: int, offset: int = 0) -> list[Reading]:
+    """The benchmark's readings as the decoder makes them: 50 nodes x 4 sensors, 10 ms apart,
+    ending 30 minutes ago."""
     start = datetime.now(UTC) - timedelta(minutes=30)
-    out = []
-    for i in range(offset, offset + n):
-        node, sensor = f"node-{i % 50}", f"s{i % 4}"
-        r = Reading(
-            node,
-            sensor,
+    return [
+        Reading(
+            f"node-{i % 50}",
+            f"s{i % 4}",
             "ds18b20",
             i,
             start + timedelta(milliseconds=i * 10),
@@ -69,8 +69,16 @@ def readings(n: int, offset: int = 0) -> list[tuple[str, bytes]]:
             None,
             False,
         )
-        out.append((f"sensors.{node}.{sensor}", reading_payload(**r._asdict())))
-    return out
+        for i in range(offset, offset + n)
+    ]
+
+
+def readings(n: int, offset: int = 0) -> list[tuple[str, bytes]]:
+    """The same readings as queued messages: (routing key, payload)."""
+    return [
+        (f"sensors.{r.node}.{r.sensor}", reading_payload(**r._asdict()))
+        for r in reading_rows(n, offset)
+    ]
 
 
 # Unusable messages of the kinds a broken or hostile node sends: each one is dead-lettered.

@@ -31,17 +31,16 @@ twice in the rollups, or fail); they say what each part costs. Figures are media
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import psycopg
 from sqlalchemy import create_engine
 
+from bench.cpu import cpu_seconds
+from bench.drain import reading_rows
 from pipeline import store as pipeline_store
 from pipeline.decode import Reading
 from pipeline.store import Store
@@ -57,25 +56,6 @@ ALTER TABLE readings DROP CONSTRAINT readings_node_id, DROP CONSTRAINT readings_
 ALTER TABLE nodes DROP CONSTRAINT nodes_node_id,
     ADD CONSTRAINT nodes_node_id CHECK (node ~ '^[A-Za-z0-9_-]{1,64}$');
 """
-
-
-def readings(n: int) -> list[Reading]:
-    """`bench.drain`'s readings, as the decoder makes them."""
-    start = datetime.now(UTC) - timedelta(minutes=30)
-    return [
-        Reading(
-            f"node-{i % 50}",
-            f"s{i % 4}",
-            "ds18b20",
-            i,
-            start + timedelta(milliseconds=i * 10),
-            20 + (i % 97) / 10,
-            None,
-            False,
-            None,
-        )
-        for i in range(n)
-    ]
 
 
 def without(sql: str, *ctes: str) -> str:
@@ -97,9 +77,7 @@ def without(sql: str, *ctes: str) -> str:
 
 def backend_cpu_s(conn: psycopg.Connection) -> float:
     """CPU time (user + system) of the backend serving ``conn`` so far."""
-    stat = Path(f"/proc/{conn.info.backend_pid}/stat").read_text(encoding="ascii")
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(conn.info.backend_pid)
 
 
 Write = Callable[[psycopg.Connection, Store | None, list[Reading]], None]
@@ -166,7 +144,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    rows = readings(args.readings)
+    rows = reading_rows(args.readings)
     batches = [
         sorted(rows[i : i + BATCH], key=pipeline_store._KEY) for i in range(0, len(rows), BATCH)
     ]
