@@ -7,7 +7,9 @@ synchronous replies (queue declare, QoS, cancel), deliveries with their properti
 headers, publisher confirms (Basic.Ack frames are registered callbacks), returns of unroutable
 mandatory messages, a message with an empty body (no body frame at all) and one split over
 several body frames. `pipeline.consumer._coalesce_writes` sends pika's buffered frames in one
-system call: the broker gets the same bytes in the same order.
+system call: the broker gets the same bytes in the same order. `pipeline.frames` reads the
+registered consumers' deliveries off a real broker's stream exactly as pika does, while pika goes
+on handling everything else on the same connection.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pika.exceptions
 import pytest
 
 from pipeline.consumer import _coalesce_writes, _skip_callback_lookup_for_deliveries
+from pipeline.frames import DeliveryFrames
 from tests.harness import RabbitBroker
 
 pytestmark = pytest.mark.system
@@ -111,3 +114,79 @@ def test_coalesced_writes_send_every_frame_in_order_in_fewer_system_calls(
             assert props.headers is not None
             got.append((props.headers["n"], body))
         assert got == list(enumerate(bodies))
+
+
+def test_the_fast_frame_path_delivers_what_pika_delivers_on_a_real_broker(
+    rabbit: RabbitBroker,
+) -> None:
+    """Two queues with the same messages on one connection: one consumer registered with
+    `DeliveryFrames`, one left to pika. Both get the same bodies, properties, routing keys and
+    order (bodies split over body frames, empty ones, header tables), while publisher confirms,
+    synchronous replies and acks go on through pika on that connection."""
+    params = pika.URLParameters(rabbit.amqp_url(rabbit.admin) + "?frame_max=4096")
+    with contextlib.closing(pika.BlockingConnection(params)) as conn:
+        frames = DeliveryFrames.install(conn)
+        assert frames is not None
+        _skip_callback_lookup_for_deliveries(conn)
+        _coalesce_writes(conn)
+        publisher = conn.channel()
+        publisher.confirm_delivery()
+        consumer = conn.channel()
+        consumer.basic_qos(prefetch_count=500)
+        fast_q = consumer.queue_declare("", exclusive=True).method.queue
+        pika_q = consumer.queue_declare("", exclusive=True).method.queue
+        exchange = "fast-path-test"
+        consumer.exchange_declare(exchange, "topic", auto_delete=True)
+        for queue in (fast_q, pika_q):
+            consumer.queue_bind(queue, exchange, "sensors.#")
+        messages = [
+            (b"", pika.BasicProperties()),
+            (b"x" * 8000, pika.BasicProperties(delivery_mode=2)),
+            ("\u00b0C".encode() * 1000, pika.BasicProperties(content_type="application/json")),
+            *(
+                (
+                    f'{{"seq": {i}}}'.encode(),
+                    pika.BasicProperties(
+                        headers={"n": i, "t": {"deep": [i, "x"]}}, message_id=f"m{i}"
+                    ),
+                )
+                for i in range(300)
+            ),
+        ]
+        for i, (body, props) in enumerate(messages):
+            publisher.basic_publish(exchange, f"sensors.n{i % 3}.s1", body, props)  # confirmed
+
+        fast: list[tuple[str, str, dict[str, object], bytes]] = []
+        slow: list[tuple[str, str, dict[str, object], bytes]] = []
+        last_fast = [0]
+
+        def on_fast(tag: int, ex: str, key: str, props: pika.BasicProperties, body: bytes) -> None:
+            fast.append((ex, key, vars(props), body))
+            last_fast[0] = tag
+
+        def on_slow(
+            _ch: object, method: pika.spec.Basic.Deliver, props: pika.BasicProperties, body: bytes
+        ) -> None:
+            slow.append((method.exchange, method.routing_key, vars(props), body))
+            consumer.basic_ack(method.delivery_tag)
+
+        frames.register(consumer.channel_number, "fast", on_fast)
+        consumer.basic_consume(fast_q, on_slow, consumer_tag="fast")  # never called
+        consumer.basic_consume(pika_q, on_slow, consumer_tag="slow")
+        for _ in range(400):
+            if len(fast) + len(slow) >= 2 * len(messages):
+                break
+            conn.process_data_events(time_limit=0.05)
+            frames.raise_error()
+            if last_fast[0]:
+                consumer.basic_ack(last_fast[0], multiple=True)
+        assert len(fast) == len(messages)
+        assert fast == slow
+        assert [body for *_, body in fast] == [body for body, _ in messages]
+        assert fast[5][2]["headers"] == {"n": 2, "t": {"deep": [2, "x"]}}
+        assert frames.active
+        assert frames.delivered == len(messages)
+        consumer.basic_cancel("fast")  # synchronous replies still work
+        consumer.basic_cancel("slow")
+        for queue in (fast_q, pika_q):
+            assert consumer.queue_declare(queue, passive=True).method.message_count == 0

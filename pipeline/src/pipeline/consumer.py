@@ -50,6 +50,7 @@ from pipeline.config import ConsumerSettings, redact
 from pipeline.deadletters import DeadLetterPublisher, Delivery
 from pipeline.decode import NodeStatus, Reading, decode_reading, decode_status
 from pipeline.errors import Rejected, SessionBrokenError
+from pipeline.frames import DeliveryCallback, DeliveryFrames
 from pipeline.metrics import BROKER_UP, DATABASE_UP, Metrics
 from pipeline.origin import signed_claim, unsigned_claim_reason
 from pipeline.store import BatchResult, Store
@@ -80,6 +81,9 @@ _AMQP_ERRORS: tuple[type[BaseException], ...] = (
 
 # How long an orderly shutdown waits for the last batches to commit.
 _SHUTDOWN_GRACE_S = 25.0
+# The consumer tags the session consumes with (shown in the management UI's consumer list).
+_READINGS_TAG = "tempmon-pipeline.readings"
+_STATUS_TAG = "tempmon-pipeline.status"
 
 
 # Everything that ends a session and sends the outer loop to reconnect.
@@ -371,6 +375,7 @@ class Session:
         self._stop = stop
         self._batch_age = settings.batch_ms / 1000
         self._connection: pika.BlockingConnection | None = None
+        self._frames: DeliveryFrames | None = None
         self._channel: BlockingChannel | None = None
         self._dead_channel: BlockingChannel | None = None
         self._dead: DeadLetterPublisher | None = None
@@ -394,6 +399,7 @@ class Session:
             heartbeat=30,
             blocked_connection_timeout=300,
         )
+        self._frames = DeliveryFrames.install(self._connection)
         _skip_callback_lookup_for_deliveries(self._connection)
         _coalesce_writes(self._connection)
         try:
@@ -402,8 +408,8 @@ class Session:
             self._dead_channel = self._connection.channel()
             self._dead = DeadLetterPublisher(self._dead_channel, self._connection, timeout_s=30)
             s = self._settings
-            self._channel.basic_consume(s.readings_queue, self._on_reading)
-            self._channel.basic_consume(s.status_queue, self._on_status)
+            self._consume(s.readings_queue, _READINGS_TAG, self._on_reading, self._receive_reading)
+            self._consume(s.status_queue, _STATUS_TAG, self._on_status, self._receive_status)
             BROKER_UP.set(1)
             self.consuming = True
             log.info(
@@ -436,6 +442,24 @@ class Session:
             raise RuntimeError("session has no channel")
         return self._channel
 
+    def _consume(
+        self,
+        queue: str,
+        tag: str,
+        on_message: Callable[[BlockingChannel, Basic.Deliver, BasicProperties, bytes], None],
+        receive: DeliveryCallback,
+    ) -> None:
+        """Consume ``queue``: through the fast frame path if installed, else pika's own."""
+        if self._frames is not None:
+            self._frames.register(self._chan.channel_number, tag, receive)
+        self._chan.basic_consume(queue, on_message, consumer_tag=tag)
+
+    def _process(self, time_limit: float) -> None:
+        """One turn of pika's I/O: read, dispatch, run the writer thread's callbacks."""
+        self._conn.process_data_events(time_limit=time_limit)  # type: ignore[arg-type]
+        if self._frames is not None:
+            self._frames.raise_error()
+
     def fail(self, reason: str) -> None:
         """End this session without acknowledging anything more (called from any thread)."""
         self._broken = reason
@@ -447,7 +471,7 @@ class Session:
             # One clock reading per turn for the decoder's "not in the future" check: a
             # turn lasts at most a batch age, far below the 300 s tolerance.
             self._now = datetime.now(UTC)
-            self._conn.process_data_events(time_limit=self._wait_time())  # type: ignore[arg-type]
+            self._process(self._wait_time())
             self._publish_rejected()
             self._apply_confirms()
             self._count_consumed()
@@ -477,13 +501,13 @@ class Session:
     def _shutdown(self) -> None:
         """Stop receiving, commit and acknowledge what was received, then return."""
         self._chan.stop_consuming()  # cancels both consumers; undispatched ones go back
-        self._conn.process_data_events(time_limit=0)
+        self._process(0)
         self._publish_rejected()
         self._count_consumed()
         self._flush()
         deadline = time.monotonic() + _SHUTDOWN_GRACE_S
         while (self._batches or self._dead_outstanding()) and time.monotonic() < deadline:
-            self._conn.process_data_events(time_limit=0.02)  # type: ignore[arg-type]
+            self._process(0.02)
             self._publish_rejected()
             self._apply_confirms()
         if self._batches or self._dead_outstanding():
@@ -499,7 +523,14 @@ class Session:
 
     # -- receiving -------------------------------------------------------------------------
     def _delivery(
-        self, queue_name: str, method: Basic.Deliver, props: BasicProperties, body: bytes
+        self,
+        queue_name: str,
+        tag: int,
+        exchange: str,
+        routing_key: str,
+        *,
+        props: BasicProperties,
+        body: bytes,
     ) -> Delivery:
         """The delivery with the routing key it was published under.
 
@@ -510,33 +541,48 @@ class Session:
         broker dead-lettered keeps it, so unsigned it would let one node's message be stored
         under another node's id. An unproved claim marks the delivery ``refused``.
         """
-        routing_key = method.routing_key or ""
         headers = props.headers
-        if method.exchange == "" and headers and ROUTING_KEY_HEADER in headers:
+        if exchange == "" and headers and ROUTING_KEY_HEADER in headers:
             claim = signed_claim(self._settings.dead_letter_key, headers, body)
             if claim is None or claim[1] != queue_name:
                 reason = unsigned_claim_reason(
                     self._settings.dead_letter_key, headers, body, queue_name
                 )
-                return Delivery(
-                    int(method.delivery_tag or 0), queue_name, routing_key, props, body, reason
-                )
+                return Delivery(tag, queue_name, routing_key, props, body, reason)
             routing_key = claim[0]
-        return Delivery(int(method.delivery_tag or 0), queue_name, routing_key, props, body)
+        return Delivery(tag, queue_name, routing_key, props, body)
 
     def _on_reading(
         self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
-        delivery = self._delivery(self._settings.readings_queue, method, props, body)
+        """A reading through pika's own dispatch (pipeline.frames not installed)."""
+        tag = int(method.delivery_tag or 0)
+        self._receive_reading(tag, method.exchange or "", method.routing_key or "", props, body)
+
+    def _on_status(
+        self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        """A node status through pika's own dispatch (pipeline.frames not installed)."""
+        tag = int(method.delivery_tag or 0)
+        self._receive_status(tag, method.exchange or "", method.routing_key or "", props, body)
+
+    def _receive_reading(
+        self, tag: int, exchange: str, routing_key: str, props: BasicProperties, body: bytes
+    ) -> None:
+        delivery = self._delivery(
+            self._settings.readings_queue, tag, exchange, routing_key, props=props, body=body
+        )
         self._consumed_readings += 1
         reading = self._decoded(delivery, decode_reading)
         if reading is not None:
             self._current_batch().add_reading(reading, delivery)
 
-    def _on_status(
-        self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    def _receive_status(
+        self, tag: int, exchange: str, routing_key: str, props: BasicProperties, body: bytes
     ) -> None:
-        delivery = self._delivery(self._settings.status_queue, method, props, body)
+        delivery = self._delivery(
+            self._settings.status_queue, tag, exchange, routing_key, props=props, body=body
+        )
         self._consumed_statuses += 1
         status = self._decoded(delivery, decode_status)
         if status is not None:
