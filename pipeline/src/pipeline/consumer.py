@@ -355,6 +355,12 @@ class Session:
     Ends (returns or raises) when the connection drops or a stop is requested. It connects to
     one of ``settings.rabbitmq_urls`` (pipeline.brokers.connect), ``lost`` last; ``node`` is
     the URL it connected to, ``consuming`` says whether it got as far as consuming.
+
+    Deliveries arrive through pipeline.frames: its callbacks (:meth:`_receive_reading`,
+    :meth:`_receive_status`) run whenever pika reads from the socket, which includes the
+    I/O inside pika's blocking calls (an ack, a cancel), not only inside ``_loop``'s wait.
+    So they only record: decode, add to the open batch, or queue a dead letter. Flushing,
+    publishing and acknowledging happen in the loop's own steps.
     """
 
     def __init__(
