@@ -120,7 +120,8 @@ def test_the_fast_frame_path_delivers_what_pika_delivers_on_a_real_broker(
     rabbit: RabbitBroker,
 ) -> None:
     """Two queues with the same messages on one connection: one consumer registered with
-    `DeliveryFrames`, one left to pika. Both get the same bodies, properties, routing keys and
+    `DeliveryFrames`, one left to pika (each on its own channel, as delivery tags are per
+    channel). Both get the same bodies, properties, routing keys and
     order (bodies split over body frames, empty ones, header tables), while publisher confirms,
     synchronous replies and acks go on through pika on that connection."""
     params = pika.URLParameters(rabbit.amqp_url(rabbit.admin) + "?frame_max=4096")
@@ -133,6 +134,8 @@ def test_the_fast_frame_path_delivers_what_pika_delivers_on_a_real_broker(
         publisher.confirm_delivery()
         consumer = conn.channel()
         consumer.basic_qos(prefetch_count=500)
+        fast_channel = conn.channel()
+        fast_channel.basic_qos(prefetch_count=500)
         fast_q = consumer.queue_declare("", exclusive=True).method.queue
         pika_q = consumer.queue_declare("", exclusive=True).method.queue
         exchange = "fast-path-test"
@@ -170,23 +173,25 @@ def test_the_fast_frame_path_delivers_what_pika_delivers_on_a_real_broker(
             slow.append((method.exchange, method.routing_key, vars(props), body))
             consumer.basic_ack(method.delivery_tag)
 
-        frames.register(consumer.channel_number, "fast", on_fast)
-        consumer.basic_consume(fast_q, on_slow, consumer_tag="fast")  # never called
+        frames.register(fast_channel.channel_number, "fast", on_fast)
+        fast_channel.basic_consume(fast_q, on_slow, consumer_tag="fast")  # never called
         consumer.basic_consume(pika_q, on_slow, consumer_tag="slow")
+        acked = 0
         for _ in range(400):
             if len(fast) + len(slow) >= 2 * len(messages):
                 break
             conn.process_data_events(time_limit=0.05)
             frames.raise_error()
-            if last_fast[0]:
-                consumer.basic_ack(last_fast[0], multiple=True)
+            if last_fast[0] > acked:
+                acked = last_fast[0]
+                fast_channel.basic_ack(acked, multiple=True)
         assert len(fast) == len(messages)
         assert fast == slow
         assert [body for *_, body in fast] == [body for body, _ in messages]
         assert fast[5][2]["headers"] == {"n": 2, "t": {"deep": [2, "x"]}}
         assert frames.active
         assert frames.delivered == len(messages)
-        consumer.basic_cancel("fast")  # synchronous replies still work
+        fast_channel.basic_cancel("fast")  # synchronous replies still work
         consumer.basic_cancel("slow")
         for queue in (fast_q, pika_q):
             assert consumer.queue_declare(queue, passive=True).method.message_count == 0
