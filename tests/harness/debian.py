@@ -19,8 +19,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.harness.procs import host_lock
+
 __all__ = [
     "CACHE_DIR",
+    "cache_lock",
     "debian_mirror",
     "debian_root",
     "debootstrap_tarball",
@@ -72,6 +75,14 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
+@contextlib.contextmanager
+def cache_lock(entry: str) -> Iterator[None]:
+    """Held while one cache entry is made: a second process (an xdist worker) that wants the
+    same entry waits for it instead of building it too, then finds it made."""
+    with host_lock(entry, CACHE_DIR):
+        yield
+
+
 def _key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
@@ -105,6 +116,13 @@ def debootstrap_tarball(suite: str, arch: str, include: str, *, variant: str = "
     tarball = CACHE_DIR / f"debian-{suite}-{arch}-{variant}-{key[:12]}.tar.gz"
     if tarball.is_file():
         return tarball
+    with cache_lock(tarball.name):
+        if not tarball.is_file():
+            _debootstrap(suite, arch, include, variant, tarball)
+    return tarball
+
+
+def _debootstrap(suite: str, arch: str, include: str, variant: str, tarball: Path) -> None:
     debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
     if not Path(debootstrap).is_file():
         raise RuntimeError("debootstrap is not installed: apt-get install debootstrap")
@@ -134,7 +152,6 @@ def debootstrap_tarball(suite: str, arch: str, include: str, *, variant: str = "
         _publish(work, root, tarball, compress=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return tarball
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -232,6 +249,14 @@ def recipe_tarball(name: str, base: Path, recipe: Path, *, timeout: float = 1500
     tarball = CACHE_DIR / f"root-{name}-{_key(base.name, text)}.tar"
     if tarball.is_file():
         return tarball
+    with cache_lock(tarball.name):
+        if not tarball.is_file():
+            _run_recipe(name, recipe, base, tarball, timeout=timeout)
+    return tarball
+
+
+def _run_recipe(name: str, recipe: Path, base: Path, tarball: Path, *, timeout: float) -> None:
+    text = recipe.read_text(encoding="utf-8")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"recipe-{name}-", dir=CACHE_DIR))
     try:
@@ -249,4 +274,3 @@ def recipe_tarball(name: str, base: Path, recipe: Path, *, timeout: float = 1500
         _publish(work, work / "root", tarball, compress=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return tarball

@@ -36,12 +36,13 @@ from types import TracebackType
 
 from tests.harness.debian import (
     CACHE_DIR,
+    cache_lock,
     debootstrap_tarball,
     dpkg_architecture,
     mounts_under,
     recipe_tarball,
 )
-from tests.harness.procs import REPO, wait_for
+from tests.harness.procs import REPO, host_lock, mine, wait_for, worker_slot
 
 __all__ = [
     "STANDIN_SUITE",
@@ -128,6 +129,10 @@ class DockerEngine:
                     "--ip-masq=false",
                     # BuildKit runs RUN steps on the default network: give it our own bridge.
                     f"--bridge={self.bridge}",
+                    # The networks compose creates: from a pool of this engine's own, since
+                    # docker's default pools would give two engines on one host (two xdist
+                    # workers) the same 172.x subnets.
+                    f"--default-address-pool=base={address_pool()},size=24",
                     "--storage-driver=overlay2",
                     "--log-level=warn",
                 ],
@@ -244,12 +249,26 @@ class DockerEngine:
         self.close()
 
 
+def address_pool() -> str:
+    """The /16 this engine's networks come from: one per xdist worker (10.216.0.0/16 for the
+    first or only one), so engines running at once never hand out the same subnet."""
+    index, _ = worker_slot()
+    return f"10.{216 + index}.0.0/16"
+
+
 def _make_bridge() -> str:
     """A new Linux bridge with a /24 that no interface or route of the host uses.
 
     Raises:
         DockerError: no free subnet among the candidates, or ``ip`` failed.
     """
+    # Under the lock, and only among this worker's candidates: two engines starting at once
+    # would otherwise both read the routes, then both take the same subnet.
+    with host_lock("subnets"):
+        return _make_bridge_locked()
+
+
+def _make_bridge_locked() -> str:
     used = (
         subprocess.run(
             ["ip", "-o", "-4", "route", "show", "table", "all"],
@@ -264,7 +283,7 @@ def _make_bridge() -> str:
     name = f"tmpdk{os.urandom(3).hex()}"
     for third in range(16, 250):
         net = f"10.213.{third}"
-        if f"{net}." in used:
+        if not mine(third) or f"{net}." in used:
             continue
         commands = [
             ["ip", "link", "add", name, "type", "bridge"],
@@ -334,6 +353,13 @@ def wheelhouse(python: str = STANDIN_PYTHON) -> Path:
     target = CACHE_DIR / f"wheels-cp{python.replace('.', '')}-{digest}"
     if (target / ".complete").is_file():
         return target
+    with cache_lock(target.name):
+        if not (target / ".complete").is_file():
+            _download_wheels(python, requirements, target)
+    return target
+
+
+def _download_wheels(python: str, requirements: list[str], target: Path) -> None:
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="wheels-", dir=CACHE_DIR))
     try:
@@ -373,7 +399,6 @@ def wheelhouse(python: str = STANDIN_PYTHON) -> Path:
         work.replace(target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return target
 
 
 # --- the stand-in images ------------------------------------------------------------------------

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,16 +21,79 @@ REPO = Path(__file__).resolve().parents[2]
 _handed_out: set[int] = set()
 
 
+def worker_slot() -> tuple[int, int]:
+    """(this process's index, how many run at once) under pytest-xdist; (0, 1) without it.
+
+    Resources every worker picks from the one host (ports, subnets, docker's address pools)
+    are split by it, so two workers never pick the same one at the same moment.
+    """
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    count = max(count, 1)
+    return index % count, count
+
+
+def mine(number: int) -> bool:
+    """Whether ``number`` (a port, a subnet's third octet) is in this worker's share."""
+    index, count = worker_slot()
+    return number % count == index
+
+
+@contextlib.contextmanager
+def host_lock(name: str, directory: Path | None = None) -> Iterator[None]:
+    """An exclusive lock held across processes (xdist workers, concurrent runs) on this host,
+    e.g. around "find a free subnet, then take it" or "build a cache entry unless it exists"."""
+    directory = directory or Path(tempfile.gettempdir())
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / f".tempmon-{name}.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections (net.ipv4.ip_local_port_range)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+# Servers' ports come from below the ephemeral range: a port there is only ever taken by an
+# explicit bind. A port from the ephemeral range can become the source port of any outgoing
+# connection on the host while its server is down (a broker killed and started again by a
+# test), and the server then cannot listen on it again; the more tests run at once, the more
+# connections there are to take it.
+_SERVER_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on now, never the same twice in this process."""
-    for _ in range(200):
+    """A TCP port nobody listens on now, outside the ephemeral range, never the same twice in
+    this process, and never one another xdist worker could pick (each takes the ports of its
+    own residue class)."""
+    ephemeral = _ephemeral_ports()
+    candidates = [
+        port
+        for port in _SERVER_PORTS
+        if port not in ephemeral and port not in _handed_out and mine(port)
+    ]
+    random.shuffle(candidates)
+    for port in candidates:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _handed_out and port < 60000:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no free TCP port found on 127.0.0.1")
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(
+        f"no free TCP port on 127.0.0.1 in {_SERVER_PORTS.start}-{_SERVER_PORTS.stop - 1} "
+        f"outside the ephemeral range {ephemeral.start}-{ephemeral.stop - 1}"
+    )
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -35,7 +35,7 @@ from typing import Any, Self
 
 from tests.harness.compose_env import compose_env_file
 from tests.harness.docker import DockerEngine
-from tests.harness.procs import REPO, wait_for
+from tests.harness.procs import REPO, host_lock, mine, wait_for
 from tests.harness.rabbit import GATEWAY, RABBIT_BIN, NodeCredentials, RabbitBroker
 
 __all__ = [
@@ -61,11 +61,12 @@ def _ip(*args: str, netns: str | None = None, check: bool = True) -> str:
 
 
 def free_subnet() -> str:
-    """A /24 prefix ("10.214.N") that no address or route of the host uses."""
+    """A /24 prefix ("10.214.N") that no address or route of the host uses, among this xdist
+    worker's share (another worker may be between picking one and adding its bridge)."""
     used = _ip("-o", "-4", "route", "show", "table", "all") + _ip("-o", "-4", "addr")
     for third in range(16, 250):
         net = f"10.214.{third}"
-        if f"{net}." not in used:
+        if mine(third) and f"{net}." not in used:
             return net
     raise RuntimeError("no free 10.214.x.0/24 subnet for the cluster's bridge")
 
@@ -335,7 +336,7 @@ class RabbitCluster(Cluster):
         tag = secrets.token_hex(3)
         self.prefix = f"tmrq{tag}"
         self.bridge = f"tmrqb{tag}"
-        self.subnet = subnet or free_subnet()
+        self.subnet = subnet or ""
         self.nodes_conf = nodes_conf
         self.cookie = cookie or secrets.token_hex(20)
         self.admin = NodeCredentials("admin", secrets.token_urlsafe(12))
@@ -344,7 +345,11 @@ class RabbitCluster(Cluster):
         self._network_up = False
         self.nodes: list[ClusterNode] = []
         try:
-            self._make_network()
+            # Picking a free subnet and taking it (the bridge's address) is one step for
+            # every process on this host.
+            with host_lock("subnets"):
+                self.subnet = self.subnet or free_subnet()
+                self._make_network()
             self.nodes = [ClusterNode(self, i) for i in range(size)]
         except Exception:
             self.close()
