@@ -25,6 +25,51 @@ _KEEP = os.environ.get("KEEP_TEST_SERVICES") == "1"
 BROKERS = ("native", "rabbitmq4")
 
 
+# --- parallel runs (pytest-xdist; tests/run.sh) ---------------------------------------------------
+#
+# Each worker has its own servers (the session fixtures below are per worker); what they share on
+# the host is split or locked in tests/harness (ports, subnets, docker's address pools, the
+# cache). tests/run.sh hands out one test at a time in the order collected here: the tests that
+# take longest first, so that none of them starts last and keeps one worker busy while the
+# others have finished; then whole modules, the costliest first. (xdist's loadfile and loadscope
+# would reorder the modules by their number of tests, which puts the long single tests last.)
+# How long a test takes is estimated from its marks: a test that raised its own timeout (the
+# compose quick start, the Ansible chroot, the clusters, the Pi's unit) declared itself long.
+_COST_S = {"slow": 60.0, "docker": 20.0, "system": 3.0}
+# A test estimated to take at least this long goes before every module.
+_LONG_S = 100.0
+
+
+def _estimated_seconds(item: pytest.Item) -> float:
+    cost = max((_COST_S[m.name] for m in item.iter_markers() if m.name in _COST_S), default=0.05)
+    timeout = item.get_closest_marker("timeout")
+    if timeout is not None and timeout.args:
+        cost = max(cost, float(timeout.args[0]) / 8)
+    params = getattr(item, "callspec", None)
+    if params is not None and {"rabbitmq4", "compose"} & {str(v) for v in params.params.values()}:
+        cost += _COST_S["docker"]  # a container broker or cluster: slower to start and to stop
+    return cost
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the order of the files
+    cost = {item.nodeid: _estimated_seconds(item) for item in items}
+    module_cost: dict[str, float] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        module_cost[module] = module_cost.get(module, 0.0) + cost[item.nodeid]
+
+    def key(item: pytest.Item) -> tuple[float, float, str]:
+        module = item.nodeid.split("::")[0]
+        alone = cost[item.nodeid] if cost[item.nodeid] >= _LONG_S else 0.0
+        return (-alone, -module_cost[module], module)
+
+    # Every worker computes the same order (xdist requires it); the sort is stable, so a
+    # module's tests keep their order.
+    items.sort(key=key)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "rabbit" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_brokers"):
         metafunc.parametrize("broker_kind", BROKERS, indirect=True)
