@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pika import spec
 from pika.spec import BasicProperties
 
-from pipeline.frames import RECV_BYTES, DeliveryFrames
+from pipeline.frames import MAX_HELD_BYTES, RECV_BYTES, DeliveryFrames
 
 READINGS = 1
 DEAD = 2
@@ -324,3 +324,16 @@ def test_a_read_with_deliveries_ends_the_connections_wait_as_pikas_dispatch_woul
 
 def test_install_needs_the_blocking_connections_dispatch_request() -> None:
     assert DeliveryFrames.install(type("Conn", (), {"_impl": FakeImpl()})()) is None
+
+
+def test_a_message_too_large_to_hold_goes_to_pika_frame_by_frame() -> None:
+    big = deliver(2, b"b" * 2 * MAX_HELD_BYTES, frame_max=131_064)
+    impl = FakeImpl()
+    frames, got = install(impl)
+    frames.data_received(deliver(1, b"small") + big[:1000])
+    assert [g[0] for g in got] == [1]
+    for start in range(1000, len(big), 65_536):
+        frames.data_received(big[start : start + 65_536])
+    assert not frames.active  # pika took over once the held bytes passed the limit
+    assert b"".join(impl.handed) == big
+    assert len(frames._rest) == 0

@@ -57,6 +57,10 @@ _METHOD_ID = struct.Struct(">I")
 # frames read by offset instead of by trimming, a larger read costs no more per byte.
 RECV_BYTES = 64 * 1024
 _PROPERTIES_KEPT = 256
+# A message still incomplete past this many bytes goes to pika, which takes body frames one at
+# a time: holding it here would copy the held bytes again on every read, quadratic in its size.
+# The gateway's broker refuses messages over 8 KiB; a broker configured otherwise may not.
+MAX_HELD_BYTES = 1024 * 1024
 
 
 class _GiveUp(Exception):  # noqa: N818 - internal control flow, never leaves this module
@@ -150,6 +154,9 @@ class DeliveryFrames:
         except _Handled:
             return
         except (_GiveUp, struct.error, IndexError, UnicodeDecodeError):
+            self._give_up(buf[pos:])
+            return
+        if end - pos > MAX_HELD_BYTES:
             self._give_up(buf[pos:])
             return
         self._rest = buf[pos:] if pos < end else b""
