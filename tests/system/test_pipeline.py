@@ -89,9 +89,35 @@ def test_stream_is_stored_once_and_acknowledged(
     consumer = _start(consumers, rabbit, database)
     _wait_rows(database, 3000)
     wait_for("queue drained", lambda: rabbit.unacked("readings") == (0, 0), 30)
+    # The management UI's consumer lists name the pipeline (README, quick start).
+    wait_for(
+        "the pipeline's consumer tags in the management API",
+        lambda: (
+            _consumer_tags(rabbit)
+            == {
+                ("readings", "tempmon-pipeline.readings"),
+                ("node-status", "tempmon-pipeline.status"),
+            }
+        ),
+        30,
+        interval=0.5,
+    )
     assert consumer.terminate() == 0
     _assert_exactly(database, rabbit, 3000)
     assert "duplicates=" in consumer.log
+
+
+def _consumer_tags(rabbit: RabbitBroker) -> set[tuple[str, str]]:
+    """(queue, consumer tag) of every consumer, from the management API."""
+    request = urllib.request.Request(f"http://127.0.0.1:{rabbit.management_port}/api/consumers")
+    password_manager = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    password_manager.add_password(
+        None, request.full_url, rabbit.admin.username, rabbit.admin.password
+    )
+    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(password_manager))
+    with opener.open(request, timeout=10) as response:
+        consumers = json.load(response)
+    return {(c["queue"]["name"], c["consumer_tag"]) for c in consumers}
 
 
 @pytest.mark.both_brokers
