@@ -8,6 +8,7 @@ pika's handler whole, in order, and byte for byte.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -339,3 +340,18 @@ def test_a_message_too_large_to_hold_goes_to_pika_frame_by_frame() -> None:
     assert b"".join(handed) == big
     assert max(map(len, handed)) <= MAX_HELD_BYTES + 65_536
     assert len(frames._rest) == 0
+
+
+def test_what_pika_raises_on_a_frame_it_reads_is_raised_not_swallowed() -> None:
+    handed: list[bytes] = []
+
+    def pika_refuses(data: bytes) -> None:
+        handed.append(data)
+        raise struct.error("pika could not decode this frame")
+
+    frames, got = install(FakeImpl())
+    frames._pika = pika_refuses
+    with pytest.raises(struct.error, match="pika could not decode"):
+        frames.data_received(confirm(1) + deliver(2, b"after"))
+    assert handed == [confirm(1)]  # the rest was not handed on as if pika had read it
+    assert got == []

@@ -131,31 +131,32 @@ class DeliveryFrames:
         end = len(buf)
         pos = 0
         delivered = self.delivered
-        try:
-            while end - pos >= 8:
-                kind, channel, size = _FRAME.unpack_from(buf, pos)
-                stop = pos + 7 + size  # where the frame-end octet is
-                if stop >= end:
-                    break
-                if (
-                    kind == _METHOD
-                    and size >= 4
-                    and _METHOD_ID.unpack_from(buf, pos + 7)[0] == _BASIC_DELIVER
-                ):
+        while end - pos >= 8:
+            kind, channel, size = _FRAME.unpack_from(buf, pos)
+            stop = pos + 7 + size  # where the frame-end octet is
+            if stop >= end:
+                break
+            if (
+                kind == _METHOD
+                and size >= 4
+                and _METHOD_ID.unpack_from(buf, pos + 7)[0] == _BASIC_DELIVER
+            ):
+                try:
                     after = self._deliver(buf, pos, stop, end, channel)
-                    if after == 0:
-                        break  # the message is not all here yet
-                    if after > 0:
-                        pos = after
-                        continue
-                # Not ours: pika reads this one frame, as it would have.
-                pos = stop + 1
-                self._pika(buf[pos - size - 8 : pos])
-        except _Handled:
-            return
-        except (_GiveUp, struct.error, IndexError, UnicodeDecodeError):
-            self._give_up(buf[pos:])
-            return
+                except _Handled:
+                    return
+                except (_GiveUp, struct.error, IndexError, UnicodeDecodeError):
+                    self._give_up(buf[pos:])
+                    return
+                if after == 0:
+                    break  # the message is not all here yet
+                if after > 0:
+                    pos = after
+                    continue
+            # Not ours: pika reads this one frame, as it would have; what pika raises is
+            # pika's to raise (never taken for a stream the fast path cannot read).
+            pos = stop + 1
+            self._pika(buf[pos - size - 8 : pos])
         if end - pos > MAX_HELD_BYTES:
             self._give_up(buf[pos:])
             return
