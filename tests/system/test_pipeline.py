@@ -105,6 +105,8 @@ def test_stream_is_stored_once_and_acknowledged(
     assert consumer.terminate() == 0
     _assert_exactly(database, rabbit, 3000)
     assert "duplicates=" in consumer.log
+    # The process ran with its collector tuned (pipeline.consumer.tune_collector).
+    assert "garbage collector tuned frozen_objects=" in consumer.log
 
 
 def _consumer_tags(rabbit: RabbitBroker) -> set[tuple[str, str]]:

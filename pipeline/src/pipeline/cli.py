@@ -97,7 +97,7 @@ def _print_retention(rows: list[dict[str, object]]) -> None:
 
 def _cmd_consume(args: argparse.Namespace) -> int:
     from pipeline.config import ConsumerSettings  # noqa: PLC0415
-    from pipeline.consumer import consume_forever  # noqa: PLC0415
+    from pipeline.consumer import consume_forever, tune_collector  # noqa: PLC0415
     from pipeline.db import make_engine  # noqa: PLC0415
     from pipeline.metrics import serve_metrics  # noqa: PLC0415
     from pipeline.retention import PartitionMaintainer  # noqa: PLC0415
@@ -134,7 +134,9 @@ def _cmd_consume(args: argparse.Namespace) -> int:
             tasks.append(PartitionMaintainer(engine, every_s=settings.maintain_interval_s))
         for task in tasks:
             task.start()
-        consume_forever(settings, Store(engine), stop)
+        store = Store(engine)
+        tune_collector()
+        consume_forever(settings, store, stop)
     finally:
         for task in tasks:
             task.stop()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import heapq
 import logging
 import queue
@@ -58,6 +59,7 @@ from tempmon_contract.deadletter import ROUTING_KEY_HEADER
 from tempmon_contract.retry import Backoff
 
 __all__ = [
+    "GC_THRESHOLDS",
     "Backoff",
     "Batch",
     "Reconnects",
@@ -65,6 +67,7 @@ __all__ = [
     "SessionBrokenError",
     "Writer",
     "consume_forever",
+    "tune_collector",
 ]
 
 log = logging.getLogger(__name__)
@@ -765,6 +768,38 @@ def _decoder_failed(exc: Exception) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# The cyclic collector's thresholds for `pipeline consume` (gc.set_threshold): a young
+# collection after this many container allocations, not Python's 700; an older generation after
+# this many collections of the younger one. See :func:`tune_collector`.
+GC_THRESHOLDS: Final = (50_000, 20, 10)
+
+
+def tune_collector() -> None:
+    """Make Python's cyclic garbage collector cheap for a long-running consumer process.
+
+    With Python's defaults, the consumer collected its youngest generation every 700 container
+    allocations (a few hundred messages) and its oldest about once a second; each full
+    collection walked every object the imports had made (pika, SQLAlchemy, psycopg, the
+    metrics) and took 25-50 ms with the GIL held, stalling the AMQP and writer threads alike
+    (measured: about 5 % of the clean drain's time, 10 % of the hostile run's, where each
+    ``[`` * 500 payload allocates 500 lists). This collects once, freezes what the start-up
+    made (gc.freeze: the collector never walks it again) and raises the thresholds
+    (:data:`GC_THRESHOLDS`); reference counting still frees almost everything at once, and
+    the collector still runs, on far fewer, younger objects.
+
+    For the process's entry point (``pipeline consume``), called once after start-up:
+    freezing is process-wide.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    log.info(
+        "garbage collector tuned frozen_objects=%d thresholds=%s",
+        gc.get_freeze_count(),
+        "/".join(map(str, GC_THRESHOLDS)),
+    )
 
 
 def consume_forever(
