@@ -247,3 +247,38 @@ def test_replay_targets_only_the_queue_a_dead_letter_queue_belongs_to() -> None:
     for bad in ("readings", ".dead", "readings.dead.x"):
         with pytest.raises(ConfigError, match="not a dead-letter queue"):
             source_queue(bad)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "rejected_at", "signature"),
+    [
+        (
+            b'{"seq": 1}',
+            "seq: missing",
+            "2026-12-07T08:00:00.000+00:00",
+            "v1:e1b3e6d3:c15df6eb439c9ca7957853edf1ef9f14c0caf6067e316e6f348d370fea6d2c64",
+        ),
+        (
+            b"\xff\x00",
+            "payload: \u00e9 \u2603",
+            "",
+            "v1:e1b3e6d3:574c1192caf66865cdacaaeb979ef61f706c34575dc88914467902a1cab338be",
+        ),
+    ],
+)
+def test_signatures_are_the_ones_earlier_versions_made(
+    body: bytes, reason: str, rejected_at: str, signature: str
+) -> None:
+    """Dead letters signed by an earlier version wait in users' queues: the same claims must
+    still give the same signature (these vectors were made with json.dumps and hmac.new)."""
+    assert (
+        sign(
+            KEY,
+            routing_key="sensors.pi-a.t1",
+            queue="readings",
+            body=body,
+            reason=reason,
+            rejected_at=rejected_at,
+        )
+        == signature
+    )
