@@ -26,14 +26,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple
 
 import pika
 import pika.channel
+import pika.data  # type: ignore[import-untyped]
+import pika.exceptions
 import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
@@ -42,6 +45,7 @@ from pipeline import __version__
 from pipeline.brokers import connect
 from pipeline.decode import decode_reading, decode_status
 from pipeline.errors import ConfigError, Rejected, SessionBrokenError
+from pipeline.frames import content_frames, publish_method_frame
 from pipeline.origin import BrokerInfo, establish, sign
 from tempmon_contract.deadletter import (
     BROKER_DEATH_HEADERS,
@@ -61,6 +65,7 @@ __all__ = [
     "ReplayResult",
     "copy_properties",
     "describe",
+    "encode_copy_properties",
     "list_dead",
     "replay_dead",
     "source_queue",
@@ -115,24 +120,46 @@ def copy_properties(
 
     A refused delivery's copy (a replay whose claim did not verify) stays unsigned, so it is
     never replayed under any key. ``now`` is for tests; the copy is stamped with the clock.
+    :func:`encode_copy_properties` encodes the same properties without building them.
     """
     props = delivery.properties
-    headers: dict[str, Any] = {
-        k: v for k, v in (props.headers or {}).items() if k not in _COPY_DROP
-    }
-    rejected_at = (now or datetime.now(UTC)).isoformat(timespec="milliseconds")
-    headers.update(
-        {
-            REASON_HEADER: reason,
-            ROUTING_KEY_HEADER: delivery.routing_key,
-            QUEUE_HEADER: delivery.queue,
-            REJECTED_AT_HEADER: rejected_at,
-            REJECTED_BY_HEADER: f"pipeline {__version__}",
-        }
+    headers = _kept_headers(props)
+    headers.update(_copy_headers(delivery, reason, key, now))
+    return BasicProperties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        delivery_mode=2,  # persistent
+        message_id=_copy_message_id(delivery),
+        timestamp=props.timestamp,
+        headers=headers,
     )
+
+
+def _kept_headers(props: BasicProperties) -> dict[str, Any]:
+    """The delivery's headers that its copy keeps (see ``_COPY_DROP``), in their order; the
+    copy's own headers come after them."""
+    return {
+        k: v
+        for k, v in (props.headers or {}).items()
+        if k not in _COPY_DROP and k not in _COPY_HEADERS
+    }
+
+
+def _copy_headers(
+    delivery: Delivery, reason: str, key: bytes | None, now: datetime | None
+) -> list[tuple[str, str]]:
+    """The headers the copy adds, in order: reason, origin, when, by what, and signature."""
+    rejected_at = (now or datetime.now(UTC)).isoformat(timespec="milliseconds")
+    headers = [
+        (REASON_HEADER, reason),
+        (ROUTING_KEY_HEADER, delivery.routing_key),
+        (QUEUE_HEADER, delivery.queue),
+        (REJECTED_AT_HEADER, rejected_at),
+        (REJECTED_BY_HEADER, _REJECTED_BY),
+    ]
     if key is not None and delivery.refused is None:
         # Signed only when the routing key is the one the message was published under.
-        headers[SIGNATURE_HEADER] = sign(
+        signature = sign(
             key,
             routing_key=delivery.routing_key,
             queue=delivery.queue,
@@ -140,14 +167,90 @@ def copy_properties(
             reason=reason,
             rejected_at=rejected_at,
         )
-    return BasicProperties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        delivery_mode=2,  # persistent
-        message_id=props.message_id or hashlib.sha256(delivery.body).hexdigest()[:32],
-        timestamp=props.timestamp,
-        headers=headers,
-    )
+        headers.append((SIGNATURE_HEADER, signature))
+    return headers
+
+
+def _copy_message_id(delivery: Delivery) -> str:
+    """The delivery's message id, or its body's hash when it has none."""
+    return delivery.properties.message_id or hashlib.sha256(delivery.body).hexdigest()[:32]
+
+
+# The copy's own header names, as an AMQP table encodes them with a long-string value:
+# the name as a short string, then "S".
+_COPY_HEADERS: Final = (
+    REASON_HEADER,
+    ROUTING_KEY_HEADER,
+    QUEUE_HEADER,
+    REJECTED_AT_HEADER,
+    REJECTED_BY_HEADER,
+    SIGNATURE_HEADER,
+)
+_NAME_PREFIX: Final = {name: bytes((len(name),)) + name.encode() + b"S" for name in _COPY_HEADERS}
+_REJECTED_BY: Final = f"pipeline {__version__}"
+_U32: Final = struct.Struct(">I")
+_U64: Final = struct.Struct(">Q")
+_FLAGS: Final = struct.Struct(">H")
+# BasicProperties' flag bits for the properties a copy can carry (AMQP 0-9-1, basic class).
+_CONTENT_TYPE, _CONTENT_ENCODING, _HEADERS, _DELIVERY_MODE = 0x8000, 0x4000, 0x2000, 0x1000
+_MESSAGE_ID, _TIMESTAMP = 0x0080, 0x0040
+_KEPT_CACHED: Final = 256
+
+
+def _short_string(value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    if len(raw) > 255:
+        raise pika.exceptions.ShortStringTooLong(raw)
+    return bytes((len(raw),)) + raw
+
+
+def encode_copy_properties(
+    delivery: Delivery,
+    reason: str,
+    *,
+    key: bytes | None,
+    now: datetime | None = None,
+    kept: dict[int, tuple[BasicProperties, bytes]] | None = None,
+) -> tuple[bytes, str]:
+    """:func:`copy_properties`, encoded: the property flags and list of the copy's content
+    header (what ``copy_properties(...).encode()`` joins to), and the copy's message id.
+
+    The copy's own headers are strings with fixed names, encoded here directly; the headers
+    kept from the delivery are encoded by pika, once per properties object when ``kept`` (a
+    cache the caller owns) is given: deliveries through pipeline.frames share one properties
+    object per distinct encoding.
+    """
+    props = delivery.properties
+    cached = kept.get(id(props)) if kept is not None else None
+    if cached is not None and cached[0] is props:
+        kept_table = cached[1]
+    else:
+        pieces: list[bytes] = []
+        pika.data.encode_table(pieces, _kept_headers(props))
+        kept_table = b"".join(pieces[1:])  # without the table's length
+        if kept is not None:
+            if len(kept) >= _KEPT_CACHED:
+                kept.clear()
+            kept[id(props)] = (props, kept_table)
+    table = [kept_table]
+    for name, value in _copy_headers(delivery, reason, key, now):
+        raw = value.encode()
+        table += (_NAME_PREFIX[name], _U32.pack(len(raw)), raw)
+    table_bytes = b"".join(table)
+    message_id = _copy_message_id(delivery)
+    flags = _HEADERS | _DELIVERY_MODE | _MESSAGE_ID
+    fields = []
+    if props.content_type is not None:
+        flags |= _CONTENT_TYPE
+        fields.append(_short_string(props.content_type))
+    if props.content_encoding is not None:
+        flags |= _CONTENT_ENCODING
+        fields.append(_short_string(props.content_encoding))
+    fields += (_U32.pack(len(table_bytes)), table_bytes, b"\x02", _short_string(message_id))
+    if props.timestamp is not None:
+        flags |= _TIMESTAMP
+        fields.append(_U64.pack(props.timestamp))
+    return _FLAGS.pack(flags) + b"".join(fields), message_id
 
 
 class DeadLetterPublisher:
@@ -171,6 +274,11 @@ class DeadLetterPublisher:
         # The blocking channel's underlying channel (see the class docstring).
         impl: pika.channel.Channel = getattr(channel, "_impl")  # noqa: B009
         self._impl = impl
+        # Where a copy's marshalled frames go (pika's own output step), if this pika has it.
+        output = getattr(getattr(impl, "connection", None), "_output_marshaled_frames", None)
+        self._output: Callable[[list[bytes]], None] | None = output if callable(output) else None
+        self._methods: dict[str, bytes] = {}  # dead-letter queue -> its Basic.Publish frame
+        self._kept: dict[int, tuple[BasicProperties, bytes]] = {}
         self._sent = 0
         # publish number -> (original delivery, the copy's message id, the reason it carries);
         # in publish order
@@ -196,8 +304,26 @@ class DeadLetterPublisher:
         self, delivery: Delivery, reason: str, dead_queue: str, *, key: bytes | None
     ) -> None:
         """Publish the delivery's copy (:func:`copy_properties`) into ``dead_queue``; its
-        confirm comes later (:meth:`settle`)."""
-        self.publish(delivery, dead_queue, copy_properties(delivery, reason, key=key))
+        confirm comes later (:meth:`settle`).
+
+        The copy's frames are marshalled here (:func:`encode_copy_properties`,
+        pipeline.frames) and handed to pika's output step, the bytes pika's ``basic_publish``
+        would write; a closed channel, or a pika without that step, takes pika's own way.
+        """
+        output = self._output
+        impl = self._impl
+        if output is None or not impl.is_open:
+            self.publish(delivery, dead_queue, copy_properties(delivery, reason, key=key))
+            return
+        method = self._methods.get(dead_queue)
+        if method is None:
+            method = publish_method_frame(impl.channel_number, "", dead_queue, mandatory=True)
+            self._methods[dead_queue] = method
+        properties, message_id = encode_copy_properties(delivery, reason, key=key, kept=self._kept)
+        body_max: int = getattr(impl.connection, "_body_max_length")  # noqa: B009
+        output([method, *content_frames(impl.channel_number, properties, delivery.body, body_max)])
+        self._sent += 1
+        self._pending[self._sent] = (delivery, message_id, reason)
 
     def publish(self, delivery: Delivery, queue_name: str, properties: BasicProperties) -> None:
         self._impl.basic_publish("", queue_name, delivery.body, properties, mandatory=True)
