@@ -426,3 +426,46 @@ def test_a_status_with_an_uptime_beyond_float_range_is_dead_lettered(
             lambda: conn.execute("SELECT count(*) FROM readings").fetchone() == (100,),
             60,
         )
+
+
+def test_a_routing_key_that_is_not_utf8_is_dead_lettered(
+    rabbit: RabbitBroker, database: Database, consumer: ConsumerProcess
+) -> None:
+    """An AMQP publisher (not a node: MQTT topics are UTF-8) may send any octets as a routing
+    key. The consumer's fast path hands such a delivery to pika, which gives the key over as
+    bytes; the copy's headers and signature need text. It used to end the session on every
+    redelivery."""
+    body = json.dumps(
+        {
+            "version": 1,
+            "node": "hv-0",
+            "sensor": "s0",
+            "kind": "ds18b20",
+            "seq": 1,
+            "ts": datetime.now(UTC).isoformat(),
+            "temperature_c": 20.0,
+        }
+    ).encode()
+    with contextlib.closing(rabbit.connection(rabbit.admin)) as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("amq.topic", b"sensors.\xff.s0", body)  # type: ignore[arg-type]
+    rabbit.publish([(key, b) for _, key, b in _valid_readings(datetime.now(UTC))[:100]])
+    wait_for(
+        "the message dead-lettered, or the consumer gone",
+        lambda: rabbit.depth("readings.dead") >= 1 or not consumer.alive(),
+        60,
+        0.25,
+    )
+    assert consumer.alive(), consumer.log[-2000:]
+    assert "broker connection lost" not in consumer.log
+    [(_, props, dead_body)] = rabbit.drain("readings.dead")
+    assert dead_body == body
+    assert props.headers["x-original-routing-key"] == "sensors.\\xff.s0"
+    assert props.headers["x-reject-reason"]
+    with psycopg.connect(database.owner_url) as conn:
+        wait_for(
+            "readings stored",
+            lambda: conn.execute("SELECT count(*) FROM readings").fetchone() == (100,),
+            60,
+        )

@@ -566,14 +566,14 @@ class Session:
     ) -> None:
         """A reading through pika's own dispatch (pipeline.frames not installed)."""
         tag = int(method.delivery_tag or 0)
-        self._receive_reading(tag, method.exchange or "", method.routing_key or "", props, body)
+        self._receive_reading(tag, _text(method.exchange), _text(method.routing_key), props, body)
 
     def _on_status(
         self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
         """A node status through pika's own dispatch (pipeline.frames not installed)."""
         tag = int(method.delivery_tag or 0)
-        self._receive_status(tag, method.exchange or "", method.routing_key or "", props, body)
+        self._receive_status(tag, _text(method.exchange), _text(method.routing_key), props, body)
 
     def _receive_reading(
         self, tag: int, exchange: str, routing_key: str, props: BasicProperties, body: bytes
@@ -758,6 +758,15 @@ def _coalesce_writes(connection: pika.BlockingConnection) -> None:
         produce()
 
     transport._produce = coalesced
+
+
+def _text(value: str | bytes | None) -> str:
+    """A short string of a delivery as text: pika hands one that is not UTF-8 over as bytes
+    (pipeline.frames gives such a delivery to pika). Any AMQP publisher can send such a
+    routing key; shown with backslash escapes, it is no node's id and gets dead-lettered."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value or ""
 
 
 def _decoder_failed(exc: Exception) -> str:
