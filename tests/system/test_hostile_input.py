@@ -432,9 +432,9 @@ def test_a_routing_key_that_is_not_utf8_is_dead_lettered(
     rabbit: RabbitBroker, database: Database, consumer: ConsumerProcess
 ) -> None:
     """An AMQP publisher (not a node: MQTT topics are UTF-8) may send any octets as a routing
-    key. The consumer's fast path hands such a delivery to pika, which gives the key over as
-    bytes; the copy's headers and signature need text. It used to end the session on every
-    redelivery."""
+    key. The consumer read it as bytes (the fast path gave such a delivery to pika, which
+    gives the key over as bytes), and signing the copy's headers, which need text, ended the
+    process on every redelivery. Both paths now read it as text with backslash escapes."""
     body = json.dumps(
         {
             "version": 1,

@@ -355,3 +355,19 @@ def test_what_pika_raises_on_a_frame_it_reads_is_raised_not_swallowed() -> None:
         frames.data_received(confirm(1) + deliver(2, b"after"))
     assert handed == [confirm(1)]  # the rest was not handed on as if pika had read it
     assert got == []
+
+
+def test_a_routing_key_that_is_not_utf8_is_read_as_escaped_text_and_the_fast_path_stays_on() -> (
+    None
+):
+    impl = FakeImpl()
+    frames, got = install(impl)
+    data = deliver(7, b"{}", routing_key=b"sensors.\xff.s0")  # type: ignore[arg-type]
+    data += deliver(8, b"{}")
+    frames.data_received(data)
+    assert [(tag, key) for tag, _exchange, key, _props, _body in got] == [
+        (7, "sensors.\\xff.s0"),
+        (8, "sensors.n1.s1"),
+    ]
+    assert frames.active
+    assert impl.handed == []

@@ -761,9 +761,9 @@ def _coalesce_writes(connection: pika.BlockingConnection) -> None:
 
 
 def _text(value: str | bytes | None) -> str:
-    """A short string of a delivery as text: pika hands one that is not UTF-8 over as bytes
-    (pipeline.frames gives such a delivery to pika). Any AMQP publisher can send such a
-    routing key; shown with backslash escapes, it is no node's id and gets dead-lettered."""
+    """A short string of a delivery as text: pika hands one that is not UTF-8 over as bytes.
+    Any AMQP publisher can send such a routing key; shown with backslash escapes (as
+    pipeline.frames reads it), it is no node's id and gets dead-lettered."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
     return value or ""

@@ -183,11 +183,13 @@ class DeliveryFrames:
         p += 1 + n
         (delivery_tag,) = _TAG.unpack_from(buf, p)
         p += 9  # and the redelivered bit
+        # Text as the consumer takes pika's (pipeline.consumer._text): an AMQP publisher may
+        # send a routing key that is not UTF-8; it stays readable, and the fast path stays on.
         n = buf[p]
-        exchange = buf[p + 1 : p + 1 + n].decode()
+        exchange = buf[p + 1 : p + 1 + n].decode("utf-8", "backslashreplace")
         p += 1 + n
         n = buf[p]
-        routing_key = buf[p + 1 : p + 1 + n].decode()
+        routing_key = buf[p + 1 : p + 1 + n].decode("utf-8", "backslashreplace")
         if p + 1 + n != stop:
             raise _GiveUp
 
