@@ -154,7 +154,24 @@ class Cluster:
             return all(self.running_nodes(i) == names for i in range(len(self.nodes)))
 
         wait_for("every quorum queue on every node", lambda: _quietly(replicated), timeout, 0.5)
-        wait_for("all nodes running in one cluster", lambda: _quietly(formed), timeout, 0.5)
+        try:
+            wait_for("all nodes running in one cluster", lambda: _quietly(formed), timeout, 0.5)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; each node's view: {self._views()}") from None
+
+    def _views(self) -> str:
+        """What each node says of the cluster (running nodes, partitions), for a failure."""
+        views = []
+        for i, node in enumerate(self.nodes):
+            try:
+                status = json.loads(node.ctl("cluster_status", "--formatter", "json"))
+                views.append(
+                    f"{node.nodename}: running={sorted(status.get('running_nodes', []))} "
+                    f"partitions={status.get('partitions')} alarms={status.get('alarms')}"
+                )
+            except Exception as exc:  # noqa: BLE001 - a diagnosis; the timeout is the error
+                views.append(f"node {i}: cluster_status failed: {exc!r}"[:300])
+        return "; ".join(views)
 
     def _reachable(self) -> list[int]:
         return [i for i, n in enumerate(self.nodes) if n.running and i not in self._cut]
