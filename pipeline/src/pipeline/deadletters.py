@@ -45,7 +45,7 @@ from pipeline import __version__
 from pipeline.brokers import connect
 from pipeline.decode import decode_reading, decode_status
 from pipeline.errors import ConfigError, Rejected, SessionBrokenError
-from pipeline.frames import content_frames, publish_method_frame
+from pipeline.frames import content_frames, publish_method_frame, short_string
 from pipeline.origin import BrokerInfo, establish, sign
 from tempmon_contract.deadletter import (
     BROKER_DEATH_HEADERS,
@@ -197,13 +197,6 @@ _MESSAGE_ID, _TIMESTAMP = 0x0080, 0x0040
 _KEPT_CACHED: Final = 256
 
 
-def _short_string(value: str | bytes) -> bytes:
-    raw = value.encode() if isinstance(value, str) else value
-    if len(raw) > 255:
-        raise pika.exceptions.ShortStringTooLong(raw)
-    return bytes((len(raw),)) + raw
-
-
 def encode_copy_properties(
     delivery: Delivery,
     reason: str,
@@ -242,11 +235,11 @@ def encode_copy_properties(
     fields = []
     if props.content_type is not None:
         flags |= _CONTENT_TYPE
-        fields.append(_short_string(props.content_type))
+        fields.append(short_string(props.content_type))
     if props.content_encoding is not None:
         flags |= _CONTENT_ENCODING
-        fields.append(_short_string(props.content_encoding))
-    fields += (_U32.pack(len(table_bytes)), table_bytes, b"\x02", _short_string(message_id))
+        fields.append(short_string(props.content_encoding))
+    fields += (_U32.pack(len(table_bytes)), table_bytes, b"\x02", short_string(message_id))
     if props.timestamp is not None:
         flags |= _TIMESTAMP
         fields.append(_U64.pack(props.timestamp))

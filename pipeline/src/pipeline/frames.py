@@ -36,9 +36,16 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import pika.exceptions
 from pika.spec import BasicProperties
 
-__all__ = ["DeliveryCallback", "DeliveryFrames", "content_frames", "publish_method_frame"]
+__all__ = [
+    "DeliveryCallback",
+    "DeliveryFrames",
+    "content_frames",
+    "publish_method_frame",
+    "short_string",
+]
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +290,18 @@ class DeliveryFrames:
 _BASIC_PUBLISH = struct.Struct(">HHH")  # class 60 (basic), method 40 (publish), reserved ticket
 
 
+def short_string(value: str | bytes) -> bytes:
+    """An AMQP short string: its length in one octet, then its bytes (UTF-8 for text).
+
+    Raises:
+        pika.exceptions.ShortStringTooLong: over 255 bytes, as pika's encoder raises.
+    """
+    raw = value.encode() if isinstance(value, str) else value
+    if len(raw) > 255:
+        raise pika.exceptions.ShortStringTooLong(raw)
+    return bytes((len(raw),)) + raw
+
+
 def publish_method_frame(
     channel: int, exchange: str, routing_key: str, *, mandatory: bool
 ) -> bytes:
@@ -290,16 +309,11 @@ def publish_method_frame(
 
     A publisher that sends many messages to one queue makes it once and reuses it.
     """
-    exchange_bytes, key_bytes = exchange.encode(), routing_key.encode()
-    if len(exchange_bytes) > 255 or len(key_bytes) > 255:
-        raise ValueError("exchange and routing key are AMQP short strings: 255 bytes at most")
     payload = b"".join(
         (
             _BASIC_PUBLISH.pack(60, 40, 0),
-            bytes((len(exchange_bytes),)),
-            exchange_bytes,
-            bytes((len(key_bytes),)),
-            key_bytes,
+            short_string(exchange),
+            short_string(routing_key),
             b"\x01" if mandatory else b"\x00",  # mandatory is bit 0, immediate bit 1
         )
     )
