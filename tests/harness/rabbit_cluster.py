@@ -50,6 +50,7 @@ __all__ = [
 
 QUEUES = ("readings", "node-status", "readings.dead", "node-status.dead")
 _NODE_NAME = re.compile(r"rabbit@[A-Za-z0-9._-]+")
+_PEER = re.compile(r"\d+\.\d+\.\d+\.\d+:\d+")
 
 
 def _ip(*args: str, netns: str | None = None, check: bool = True) -> str:
@@ -136,6 +137,19 @@ class Cluster:
         """The names of the running nodes, as node ``via`` sees them."""
         out = self.nodes[via].ctl("cluster_status", "--formatter", "json")
         return {str(name) for name in json.loads(out).get("running_nodes", [])}
+
+    def links_to_the_others(self, index: int) -> list[str]:
+        """The TCP sockets (``address:port`` of the peer) that node ``index``'s Erlang VM
+        holds to the other nodes' addresses: its cluster links, live or not yet closed.
+        Answers while the node is paused too (``eval`` needs the VM, not the rabbit app)."""
+        out = self.nodes[index].ctl(
+            "eval",
+            'lists:flatten([io_lib:format("~s:~b ", [inet:ntoa(A), Port]) '
+            '|| P <- erlang:ports(), erlang:port_info(P, name) =:= {name, "tcp_inet"}, '
+            "{ok, {A, Port}} <- [inet:peername(P)]]).",
+        )
+        others = {n.peer_address for i, n in enumerate(self.nodes) if i != index}
+        return [peer for peer in _PEER.findall(out) if peer.rsplit(":", 1)[0] in others]
 
     def wait_formed(self, timeout: float = 120) -> None:
         """Every node running and in one cluster, every quorum queue with every node online."""

@@ -265,6 +265,20 @@ def _kill9_of_the_leader(cluster: Cluster, chain: ClusterChain) -> None:
     )
 
 
+def _in_flight_to_the_others(node: Any) -> None:
+    """Send 16 MiB from ``node`` to each other node right after the cut, as a busy node has
+    data in flight when a cut comes: the blackholed links cannot deliver it, and a failed
+    link's socket must not wait for it (gateway/rabbitmq/advanced.config). Left to wait, the
+    socket outlived the cut; when the paused node restarted after the heal next to it and a
+    new link to the same peer, RabbitMQ 3.10's management agent failed the restart (two
+    sockets for one peer) and the node stayed paused for good."""
+    node.ctl(
+        "eval",
+        "[erlang:send({rabbit_node_monitor, N}, {tempmon_test_in_flight, "
+        "binary:copy(<<0>>, 16#1000000)}) || N <- nodes()], ok.",
+    )
+
+
 def _cut_off_for_30_s(cluster: Cluster, chain: ClusterChain) -> None:
     counts = [
         sum(1 for n in chain.nodes if chain.agent_node(n) == i) for i in range(len(cluster.nodes))
@@ -274,6 +288,7 @@ def _cut_off_for_30_s(cluster: Cluster, chain: ClusterChain) -> None:
     on_it = [n for n in chain.nodes if chain.agent_node(n) == index]
     cluster.cut(index)
     fault_at = time.time()
+    _in_flight_to_the_others(target)
     print(f"cut {target.nodename} off from the others, {len(on_it)} agents publishing through it")
     back = chain.back_after(fault_at)
     wait_for(
@@ -284,6 +299,10 @@ def _cut_off_for_30_s(cluster: Cluster, chain: ClusterChain) -> None:
     print(f"its agents on other nodes {time.time() - fault_at:.1f} s after the cut")
     _report("a node cut off", back, on_it, BACK_WITHIN_S["cut"])
     time.sleep(max(0.0, CUT_S - (time.time() - fault_at)))
+    # The node's links to the others failed more than 12.5 s ago (net_ticktime): their
+    # sockets must be gone, or the paused node's restart after the heal may fail for good.
+    left = cluster.links_to_the_others(index)
+    assert not left, f"{target.nodename} still holds the failed cluster links to {left}"
     healed = time.monotonic()
     cluster.heal(index)
     cluster.wait_formed(180)
