@@ -10,6 +10,10 @@ four publishers as fast as the broker acknowledges ("max"). Baseline, same run: 
 own QoS 1 ingest rate into the readings queue with nothing consuming, measured before and
 after the consumer's runs; the ratios are to the higher of the two.
 
+The maximum is also offered to bench.drain's minimal correct consumer (d) in place of ours
+("max, (d)"): what the broker and PostgreSQL leave of the ingest on this machine to a consumer
+that does the least a correct one must.
+
 Targets: p99 under 300 ms at 1,000 readings/s; sustained rate within 10 % of the baseline.
 """
 
@@ -125,6 +129,34 @@ def latency(url: str, first_seq: int) -> tuple[float, float]:
     return float(row[0]), float(row[1])
 
 
+def minimal_at_max(
+    broker: RabbitBroker, pg: PostgresServer, nodes: list[NodeCredentials], seconds: float
+) -> tuple[str, float, float, float]:
+    """The maximum offered to bench.drain's minimal correct consumer (d), a process of its
+    own: json.loads, COPY, commit, one ack per 1,000; no validation, duplicates, rollups or
+    dead letters. What the broker and PostgreSQL leave of the broker's ingest on this machine
+    to a consumer that does the least a correct one must."""
+    broker.purge("readings", "node-status")
+    _name, url = pg.owned_database("e2e")
+    expected = int(6000 * seconds / len(nodes)) * len(nodes)
+    argv = [sys.executable, "-m", "bench.minimal_consumer", broker.amqp_url(), url, str(expected)]
+    minimal = subprocess.Popen(argv)
+    try:
+        first = 30_000_000
+        sent, took = publish(broker, nodes, 0, seconds, first)
+        ended = time.perf_counter()
+        if minimal.wait(600) != 0:
+            raise RuntimeError("the minimal consumer failed")
+        tail = time.perf_counter() - ended
+    finally:
+        if minimal.poll() is None:
+            minimal.kill()
+    p50, p99 = latency(url, first)
+    achieved = sent / (took + tail)
+    print(f"max, (d) minimal consumer: {achieved:.0f}/s p99={p99:.0f} ms", flush=True)
+    return "max, (d)", achieved, p50, p99
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15)
@@ -166,6 +198,7 @@ def main() -> int:
         finally:
             consumer.terminate()
             consumer.wait(60)
+        rows.append(minimal_at_max(broker, pg, nodes, args.seconds))
         # The baseline again, after the runs: one measurement of it varied by a fifth between
         # runs on a quiet machine; the higher of the two is the one the ratio is taken to.
         broker.purge("readings", "node-status")

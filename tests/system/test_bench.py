@@ -74,6 +74,22 @@ def test_drain_benchmark_runs_ours_and_the_minimal_consumer() -> None:
     assert "ours x1 total / ((a) + (b))" in out
 
 
+def test_drain_benchmark_runs_the_minimal_consumer_on_the_hostile_mix() -> None:
+    """(d) on the hostile run's mix checks each message and copies the 333 unusable ones, with
+    publisher confirms, before it acknowledges; it stops only when every one is copied."""
+    out = _bench("drain", "--readings", "3000", "--runs", "minimal", "--hostile", "0.1")
+    assert "(d) minimal consumer: 3000 in" in out
+    assert "(d) 10% hostile: 3333 in" in out
+    ratio = r"^\(d\) 10% hostile: [\d.]+ of \(d\) minimal consumer's clean rate$"
+    assert re.search(ratio, out, re.M), out
+
+
+def test_e2e_benchmark_offers_the_maximum_to_the_minimal_consumer_too() -> None:
+    out = _bench("e2e", "--seconds", "1")
+    for label in ("100/s", "1,000/s", "max", "max, (d)", "baseline"):
+        assert re.search(rf"^{re.escape(label)} +\d+ ", out, re.M), (label, out)
+
+
 def test_statement_benchmark_runs_every_variant() -> None:
     """Each variant stores every reading (the benchmark checks the count), so the statement's
     parts are still where the benchmark cuts them out."""
