@@ -542,6 +542,32 @@ def hostile_run(
     print(f"  {label}: {results[label] / results['ours x1']:.0%} of the clean rate (messages/s)")
 
 
+def _minimal_run(
+    broker: RabbitBroker,
+    pg: PostgresServer,
+    label: str,
+    messages: list[tuple[str, bytes]],
+    *,
+    dead: int,
+    results: dict[str, float],
+) -> None:
+    """(d) on ``messages``, ``dead`` of them unusable: its rate and CPU split under ``label``."""
+    n = len(messages) - dead
+    print(f"{label}: queueing {n} readings and {dead} unusable messages", flush=True)
+    broker.purge("readings.dead")
+    publish(broker, messages)
+    url = fresh_db(pg)
+    quiesce(broker, pg)
+    meter = CpuMeter(
+        {"consumer": [os.getpid()], "PostgreSQL": [postmaster_pid(pg.data)]},
+        {"RabbitMQ": [broker.pid]},
+    )
+    meter.start()
+    label, done, s = timed(label, lambda: minimal(broker, url, n, dead=dead))
+    results[label] = done / s
+    CPU_SPLIT[label] = meter.stop()
+
+
 def baselines(
     broker: RabbitBroker,
     pg: PostgresServer,
@@ -556,36 +582,13 @@ def baselines(
     ``hostile`` above 0, (d) also on the hostile run's mix."""
     n = len(data)
     if "minimal" in runs:
-        print(f"(d) minimal: queueing {n}", flush=True)
-        publish(broker, data)
-        url = fresh_db(pg)
-        quiesce(broker, pg)
-        meter = CpuMeter(
-            {"consumer": [os.getpid()], "PostgreSQL": [postmaster_pid(pg.data)]},
-            {"RabbitMQ": [broker.pid]},
-        )
-        meter.start()
-        label, done, s = timed("(d) minimal consumer", lambda: minimal(broker, url, n))
-        results[label] = done / s
-        CPU_SPLIT[label] = meter.stop()
+        _minimal_run(broker, pg, "(d) minimal consumer", data, dead=0, results=results)
         if hostile > 0:
             # The same consumer on the hostile run's mix: what the broker's durable, confirmed
             # copies of the unusable messages cost a consumer that does nothing else.
             messages, bad = mixed(data, hostile)
             label = f"(d) {hostile:.0%} hostile"
-            print(f"{label}: queueing {n} readings and {bad} unusable messages", flush=True)
-            broker.purge("readings.dead")
-            publish(broker, messages)
-            url = fresh_db(pg)
-            quiesce(broker, pg)
-            meter = CpuMeter(
-                {"consumer": [os.getpid()], "PostgreSQL": [postmaster_pid(pg.data)]},
-                {"RabbitMQ": [broker.pid]},
-            )
-            meter.start()
-            label, done, s = timed(label, lambda: minimal(broker, url, n, dead=bad))
-            results[label] = done / s
-            CPU_SPLIT[label] = meter.stop()
+            _minimal_run(broker, pg, label, messages, dead=bad, results=results)
             print(
                 f"  {label}: {results[label] / results['(d) minimal consumer']:.0%} of (d)'s "
                 "clean rate (messages/s)"
