@@ -299,8 +299,9 @@ def _cut_off_for_30_s(cluster: Cluster, chain: ClusterChain) -> None:
     print(f"its agents on other nodes {time.time() - fault_at:.1f} s after the cut")
     _report("a node cut off", back, on_it, BACK_WITHIN_S["cut"])
     time.sleep(max(0.0, CUT_S - (time.time() - fault_at)))
-    # The node's links to the others failed more than 12.5 s ago (net_ticktime): their
-    # sockets must be gone, or the paused node's restart after the heal may fail for good.
+    # The node's links to the others failed at most about 12.5 s after the cut (net_ticktime),
+    # so at least 17 s ago: their sockets must be gone, or the paused node's restart after the
+    # heal may fail for good.
     left = cluster.links_to_the_others(index)
     assert not left, f"{target.nodename} still holds the failed cluster links to {left}"
     healed = time.monotonic()
