@@ -366,13 +366,19 @@ def _unusable(routing_key: str, body: bytes) -> tuple[str | None, dict[str, obje
 
 def _not_a_reading(routing_key: str, r: object) -> str | None:
     fields = ("node", "sensor", "seq", "kind", "ts", "temperature_c")
-    if not isinstance(r, dict) or any(k not in r for k in fields):
-        return "not a reading: a field is missing"
+    if (
+        not isinstance(r, dict)
+        or any(k not in r for k in fields)
+        or not isinstance(r["kind"], str)
+        or not isinstance(r["temperature_c"], int | float)
+    ):
+        return "not a reading: a field is missing or of the wrong type"
     limits = _RANGE_C.get(r["kind"])
     if limits is None:
         return f"kind={r['kind']!r}: no such sensor kind"
-    if routing_key.split(".")[1] != r["node"]:
-        return f"node={r['node']!r} is not the topic's node"
+    topic = routing_key.split(".")
+    if len(topic) != 3 or topic[1] != r["node"]:
+        return f"node={r['node']!r} is not the node of topic {routing_key!r}"
     if not limits[0] <= r["temperature_c"] <= limits[1]:
         return f"temperature_c={r['temperature_c']!r} is out of the sensor's range"
     return None
@@ -413,8 +419,14 @@ class _Copies:
         self.published += 1
         self.unconfirmed.add(self.published)
 
-    def wait(self) -> None:
+    def wait(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
         while self.unconfirmed:
+            if not self.impl.is_open or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{len(self.unconfirmed)} dead-letter copies unconfirmed "
+                    f"(channel {'open' if self.impl.is_open else 'closed'})"
+                )
             self.conn.process_data_events(time_limit=0.001)
         if self.refused:
             raise RuntimeError(f"the broker refused {self.refused} dead-letter copies")
@@ -431,12 +443,14 @@ def minimal(
     With ``dead`` unusable messages mixed in, it checks each message (``_unusable``) and
     copies each unusable one, with its reason, to ``readings.dead``; the batch's copies are
     confirmed before its acknowledgement. Returns the messages it took off the queue."""
-    got = 0
+    got = in_batch = 0
     rows: list[tuple[object, ...]] = []
     with psycopg.connect(url) as db, contextlib.closing(broker.connection()) as conn:
         channel = conn.channel()
         channel.basic_qos(prefetch_count=PREFETCH)
         copies = _Copies(conn) if dead else None
+        # A batch is ``batch`` messages, stored or copied: it never waits for more
+        # deliveries than the prefetch lets in.
         for method, _props, body in channel.consume("readings", inactivity_timeout=idle_s):
             if method is None:
                 break
@@ -458,8 +472,9 @@ def minimal(
                         r.get("humidity_pct"),
                     )
                 )
+            in_batch += 1
             copied = copies.published if copies else 0
-            if len(rows) >= batch or got + len(rows) + copied >= n + dead:
+            if in_batch >= batch or got + len(rows) + copied >= n + dead:
                 if rows:
                     with db.cursor() as cur, cur.copy(_COPY_ROWS) as copy:
                         for row in rows:
@@ -470,6 +485,7 @@ def minimal(
                 channel.basic_ack(method.delivery_tag, multiple=True)
                 got += len(rows)
                 rows.clear()
+                in_batch = 0
                 if got + copied >= n + dead:
                     break
         channel.cancel()

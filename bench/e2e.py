@@ -12,7 +12,8 @@ after the consumer's runs; the ratios are to the higher of the two.
 
 The maximum is also offered to bench.drain's minimal correct consumer (d) in place of ours
 ("max, (d)"): what the broker and PostgreSQL leave of the ingest on this machine to a consumer
-that does the least a correct one must.
+that does the least a correct one must. Each run's CPU is metered per party (publishers,
+RabbitMQ, consumer, PostgreSQL) and printed as cores busy on average.
 
 Targets: p99 under 300 ms at 1,000 readings/s; sustained rate within 10 % of the baseline.
 """
@@ -20,16 +21,19 @@ Targets: p99 under 300 ms at 1,000 readings/s; sustained rate within 10 % of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.cpu import CpuMeter, postmaster_pid
 from tempmon_contract.wire import reading_payload
 from tests.harness import NodeCredentials, PostgresServer, RabbitBroker
 
@@ -129,6 +133,28 @@ def latency(url: str, first_seq: int) -> tuple[float, float]:
     return float(row[0]), float(row[1])
 
 
+CORES: dict[str, dict[str, float]] = {}  # label -> party -> cores busy on average
+
+
+@contextlib.contextmanager
+def cores(
+    label: str, broker: RabbitBroker, pg: PostgresServer, consumer: int | None = None
+) -> Iterator[None]:
+    """Meter the block: each party's CPU seconds over its wall time, into ``CORES``."""
+    roots: dict[str, list[int]] = {"consumer": [consumer]} if consumer else {}
+    roots["PostgreSQL"] = [postmaster_pid(pg.data)]
+    roots["publishers"] = [os.getpid()]  # after the others: they are its children too
+    meter = CpuMeter(roots, {"RabbitMQ": [broker.pid]})
+    began = time.perf_counter()
+    meter.start()
+    try:
+        yield
+    finally:
+        split = meter.stop()
+        seconds = time.perf_counter() - began
+        CORES[label] = {name: cpu / seconds for name, cpu in split.items()}
+
+
 def minimal_at_max(
     broker: RabbitBroker, pg: PostgresServer, nodes: list[NodeCredentials], seconds: float
 ) -> tuple[str, float, float, float]:
@@ -142,12 +168,21 @@ def minimal_at_max(
     argv = [sys.executable, "-m", "bench.minimal_consumer", broker.amqp_url(), url, str(expected)]
     minimal = subprocess.Popen(argv)
     try:
+        # Its start-up is not throughput: publishing starts once it consumes, as for ours
+        # (which had its warm-up).
+        with contextlib.closing(broker.connection()) as amqp:
+            channel, deadline = amqp.channel(), time.monotonic() + 60
+            while channel.queue_declare("readings", passive=True).method.consumer_count < 1:
+                if minimal.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the minimal consumer did not start consuming")
+                time.sleep(0.05)
         first = 30_000_000
-        sent, took = publish(broker, nodes, 0, seconds, first)
-        ended = time.perf_counter()
-        if minimal.wait(600) != 0:
-            raise RuntimeError("the minimal consumer failed")
-        tail = time.perf_counter() - ended
+        with cores("max, (d)", broker, pg, minimal.pid):
+            sent, took = publish(broker, nodes, 0, seconds, first)
+            ended = time.perf_counter()
+            if minimal.wait(600) != 0:
+                raise RuntimeError("the minimal consumer failed")
+            tail = time.perf_counter() - ended
     finally:
         if minimal.poll() is None:
             minimal.kill()
@@ -165,7 +200,8 @@ def main() -> int:
     with RabbitBroker() as broker, PostgresServer() as pg:
         nodes = [broker.add_node(f"bench-{n}") for n in range(PUBLISHERS)]
         # Baseline: the broker's own QoS 1 ingest, nothing consuming.
-        sent, took = publish(broker, nodes, 0, args.seconds, 10_000_000)
+        with cores("baseline", broker, pg):
+            sent, took = publish(broker, nodes, 0, args.seconds, 10_000_000)
         baseline = sent / took
         print(f"broker ingest, nothing consuming: {baseline:.0f}/s", flush=True)
         broker.purge("readings", "node-status")
@@ -188,9 +224,10 @@ def main() -> int:
             wait_rows(url, stored)
             for label, rate in (("100/s", 100.0), ("1,000/s", 1000.0), ("max", 0.0)):
                 first = 1_000_000 * (len(rows) + 1)
-                sent, took = publish(broker, nodes, rate, args.seconds, first)
-                stored += sent
-                tail = wait_rows(url, stored)
+                with cores(label, broker, pg, consumer.pid):
+                    sent, took = publish(broker, nodes, rate, args.seconds, first)
+                    stored += sent
+                    tail = wait_rows(url, stored)
                 p50, p99 = latency(url, first)
                 achieved = sent / (took + tail)
                 rows.append((label, achieved, p50, p99))
@@ -202,7 +239,8 @@ def main() -> int:
         # The baseline again, after the runs: one measurement of it varied by a fifth between
         # runs on a quiet machine; the higher of the two is the one the ratio is taken to.
         broker.purge("readings", "node-status")
-        sent, took = publish(broker, nodes, 0, args.seconds, 20_000_000)
+        with cores("baseline after", broker, pg):
+            sent, took = publish(broker, nodes, 0, args.seconds, 20_000_000)
         after = sent / took
         print(f"broker ingest again, nothing consuming: {after:.0f}/s", flush=True)
         baseline = max(baseline, after)
@@ -215,7 +253,18 @@ def main() -> int:
         print(f"{label:<10}{achieved:>10.0f}{p50:>9.0f}{p99:>9.0f}{achieved / baseline:>10.0%}")
     print(f"{'baseline':<10}{baseline:>10.0f}{'':>18}{1:>10.0%}  (broker ingest, no consumer)")
     print("targets: p99 < 300 ms at 1,000/s; max within 10 % of the broker's ingest")
+    print_cores()
     return 0
+
+
+def print_cores() -> None:
+    """Where the cycles went in each run: cores busy on average, per party."""
+    parties = ("publishers", "RabbitMQ", "consumer", "PostgreSQL")
+    print(f"\nCPU, cores busy on average ({os.cpu_count()} cores; the publishers are this process)")
+    print(f"{'run':<16}" + "".join(f"{p:>12}" for p in parties) + f"{'total':>8}")
+    for label, split in CORES.items():
+        cells = "".join(f"{split.get(p, 0.0):>12.2f}" for p in parties)
+        print(f"{label:<16}{cells}{sum(split.values()):>8.2f}")
 
 
 if __name__ == "__main__":

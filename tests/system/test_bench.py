@@ -88,6 +88,9 @@ def test_e2e_benchmark_offers_the_maximum_to_the_minimal_consumer_too() -> None:
     out = _bench("e2e", "--seconds", "1")
     for label in ("100/s", "1,000/s", "max", "max, (d)", "baseline"):
         assert re.search(rf"^{re.escape(label)} +\d+ ", out, re.M), (label, out)
+    cpu = out[out.index("CPU, cores busy on average") :]
+    for label in ("baseline", "max", "max, (d)", "baseline after"):
+        assert re.search(rf"^{re.escape(label)}( +\d+\.\d\d){{5}}$", cpu, re.M), (label, cpu)
 
 
 def test_statement_benchmark_runs_every_variant() -> None:
