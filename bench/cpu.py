@@ -77,16 +77,18 @@ class CpuMeter:
             if session is not None:  # a session wins over ancestry (servers the bench started)
                 self._owner[pid] = session
                 continue
-            for name, roots in self._roots.items():
-                walk, seen = pid, 0
-                while walk > 1 and seen < 64:
-                    if walk in roots:
-                        self._owner[pid] = name
-                        break
-                    parent = snap.get(walk)
-                    if parent is None:
-                        break
-                    walk, seen = parent[0], seen + 1
+            # The nearest root up the process's ancestry names its group: a consumer the
+            # bench spawned is the consumer's, not the bench's, whatever the groups' order.
+            walk, seen = pid, 0
+            while walk > 1 and seen < 64:
+                name = next((n for n, roots in self._roots.items() if walk in roots), None)
+                if name is not None:
+                    self._owner[pid] = name
+                    break
+                parent = snap.get(walk)
+                if parent is None:
+                    break
+                walk, seen = parent[0], seen + 1
 
     def start(self, interval: float = 0.2) -> None:
         """Take the first sample, then sample every ``interval`` s until :meth:`stop`."""

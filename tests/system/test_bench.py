@@ -67,6 +67,21 @@ def test_summary_benchmark_runs_and_checks_exactness() -> None:
 
 
 @pytest.mark.slow
+def test_cpu_meter_gives_a_child_to_its_own_group_before_its_parents() -> None:
+    """A process the bench spawns and meters as its own group is not counted as the bench's,
+    whichever group is named first (bench.e2e meters the bench's publishers and its consumer)."""
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+    for order in (("bench", "child"), ("child", "bench")):
+        child = subprocess.Popen([sys.executable, "-c", burn])
+        pids = {"bench": [os.getpid()], "child": [child.pid]}
+        meter = CpuMeter({name: pids[name] for name in order})
+        meter.start(interval=0.05)
+        child.wait()
+        totals = meter.stop()
+        assert 0.5 <= totals["child"] <= 2.0, (order, totals)
+        assert totals["bench"] < 0.3, (order, totals)
+
+
 def test_drain_benchmark_runs_ours_and_the_minimal_consumer() -> None:
     out = _bench("drain", "--readings", "3000", "--runs", "ours1,minimal,a,b", "--hostile", "0")
     assert "(d) minimal consumer: 3000 in" in out
