@@ -709,10 +709,23 @@ def main() -> int:
                 if label.endswith("hostile") and clean in r:
                     ratio += f"  {label} / clean = {rate / r[clean]:.2f}"
             print(f"  {i}: {cells}{ratio}")
-        print("medians below")
+        print_hostile_ratios(rounds)
+        print("medians below (a ratio of medians is not the median of the rounds' ratios)")
     results = medians
     report(n, results)
     return 0
+
+
+def print_hostile_ratios(rounds: list[dict[str, float]]) -> None:
+    """Each hostile run's rate over its consumer's clean rate: the median of the rounds."""
+    for label in rounds[0]:
+        clean = "ours x1" if label.startswith("ours") else "(d) minimal consumer"
+        if label.endswith("hostile") and clean in rounds[0]:
+            ratios = sorted(r[label] / r[clean] for r in rounds)
+            print(
+                f"  {label} / clean, median of the rounds' ratios: "
+                f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+            )
 
 
 def one_round(
