@@ -15,7 +15,9 @@ the readings, and measures, each on the same data:
   (d) minimal       the minimal correct consumer: pika, the same prefetch, json.loads, COPY
                     of each batch of 1000 into the same readings table (unique key on
                     (node, sensor, seq)), commit, one basic_ack(multiple=True); no
-                    validation, no duplicate handling, no rollups, no dead letters
+                    validation, no duplicate handling, no rollups, no dead letters;
+                    with --hostile, also on the hostile mix, where it checks each message
+                    and copies the unusable ones to readings.dead with publisher confirms
   (a) raw AMQP      pika, same prefetch, json.loads, ack multiple every 500, no database
   (b) raw COPY      COPY of the same rows into the same table, 1000-row transactions
   (c) course-style  prefetch 1, one INSERT and COMMIT per message, ack per message

@@ -143,7 +143,7 @@ def cores(
     """Meter the block: each party's CPU seconds over its wall time, into ``CORES``."""
     roots: dict[str, list[int]] = {"consumer": [consumer]} if consumer else {}
     roots["PostgreSQL"] = [postmaster_pid(pg.data)]
-    roots["publishers"] = [os.getpid()]  # after the others: they are its children too
+    roots["publishers"] = [os.getpid()]  # its children above are counted as their own
     meter = CpuMeter(roots, {"RabbitMQ": [broker.pid]})
     began = time.perf_counter()
     meter.start()
