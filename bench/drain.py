@@ -1,7 +1,8 @@
 """Pipeline drain: N queued readings into PostgreSQL, next to its baselines, in one run.
 
     .venv/bin/python -m bench.drain [--readings 200000] [--course-readings 5000] [--hostile 0.1]
-                                    [--prefetch 3000] [--runs ours1,ours2,hostile,minimal,a,b,c]
+                                    [--prefetch 3000] [--runs ours1,hostile,hostile2,...]
+                                    [--repeat 1] [--dead-queue quorum|classic]
 
 Starts a private RabbitMQ and PostgreSQL (the test harness, configured by gateway/), queues
 the readings, and measures, each on the same data:
@@ -12,6 +13,8 @@ the readings, and measures, each on the same data:
   ours x1 hostile   one replica on the same readings with a share (--hostile, default 10 %)
                     of unusable messages mixed in, each dead-lettered with its reason; its
                     rate counts every message taken off the queue, stored or dead-lettered
+  ours x2 hostile   the same with two replicas, as compose runs them (run "hostile2",
+                    not in the default set), against ours x2
   (d) minimal       the minimal correct consumer: pika, the same prefetch, json.loads, COPY
                     of each batch of 1000 into the same readings table (unique key on
                     (node, sensor, seq)), commit, one basic_ack(multiple=True); no
@@ -327,13 +330,19 @@ def ours(
     return n + dead
 
 
-def raw_amqp(broker: RabbitBroker, n: int) -> int:
+class Connects(Protocol):
+    def connection(self) -> pika.BlockingConnection: ...
+
+
+def raw_amqp(broker: Connects, n: int, *, idle_s: float = 5) -> int:
+    """(a): take ``n`` messages off ``readings`` (json.loads each, a multiple ack every 500,
+    no database); stops early after ``idle_s`` with nothing delivered."""
     got = 0
     with contextlib.closing(broker.connection()) as conn:
         channel = conn.channel()
         channel.basic_qos(prefetch_count=PREFETCH)
         last_tag = acked = 0
-        for method, _props, body in channel.consume("readings", inactivity_timeout=5):
+        for method, _props, body in channel.consume("readings", inactivity_timeout=idle_s):
             if method is None:
                 break
             json.loads(body)
@@ -432,10 +441,6 @@ class _Copies:
             self.conn.process_data_events(time_limit=0.001)
         if self.refused:
             raise RuntimeError(f"the broker refused {self.refused} dead-letter copies")
-
-
-class Connects(Protocol):
-    def connection(self) -> pika.BlockingConnection: ...
 
 
 def minimal(
@@ -537,27 +542,37 @@ def course_style(broker: RabbitBroker, url: str, n: int) -> int:
     return got
 
 
+def clean_of(label: str) -> str:
+    """The clean run a hostile run's rate is a share of: ``ours x2 10% hostile`` -> ``ours x2``."""
+    return " ".join(label.split()[:2]) if label.startswith("ours") else "(d) minimal consumer"
+
+
 def hostile_run(
     broker: RabbitBroker,
     pg: PostgresServer,
     data: list[tuple[str, bytes]],
     share: float,
     results: dict[str, float],
+    *,
+    replicas: int = 1,
 ) -> None:
-    """One replica on the same readings with ``share`` unusable messages mixed in."""
+    """``replicas`` on the same readings with ``share`` unusable messages mixed in."""
     n = len(data)
     messages, bad = mixed(data, share)
-    label = f"ours x1 {share:.0%} hostile"
+    label = f"ours x{replicas} {share:.0%} hostile"
     print(f"{label}: queueing {n} readings and {bad} unusable messages", flush=True)
     broker.purge("readings.dead")
     publish(broker, messages)
     url = fresh_db(pg)
     quiesce(broker, pg)
-    label, done, _s = timed(label, lambda: ours(broker, pg, url, n, 1, dead=bad, label=label))
+    label, done, _s = timed(
+        label, lambda: ours(broker, pg, url, n, replicas, dead=bad, label=label)
+    )
     startup = STARTUP[label]
     print(f"  {label}: consuming after {startup:.1f} s of start-up, not counted")
     results[label] = done / DRAIN_S[label]
-    print(f"  {label}: {results[label] / results['ours x1']:.0%} of the clean rate (messages/s)")
+    clean = results[clean_of(label)]
+    print(f"  {label}: {results[label] / clean:.0%} of the clean rate (messages/s)")
 
 
 def _minimal_run(
@@ -639,7 +654,8 @@ def baselines(
         results[label] = done / s
 
 
-RUNS = ("ours1", "ours2", "hostile", "minimal", "a", "b", "c")
+RUNS = ("ours1", "ours2", "hostile", "hostile2", "minimal", "a", "b", "c")
+DEFAULT_RUNS = ("ours1", "ours2", "hostile", "minimal", "a", "b", "c")
 
 
 def main() -> int:
@@ -661,22 +677,25 @@ def main() -> int:
     )
     parser.add_argument(
         "--runs",
-        default=",".join(RUNS),
-        help=f"which runs, comma-separated (default all: {','.join(RUNS)})",
+        default=",".join(DEFAULT_RUNS),
+        help=f"which runs, comma-separated: {','.join(RUNS)} (default all but hostile2)",
+    )
+    parser.add_argument(
+        "--dead-queue",
+        choices=("quorum", "classic"),
+        default="quorum",
+        help="readings.dead's type; classic is an experiment only (what the replicated, durable "
+        "copy costs): the gateway's definitions make it a quorum queue",
     )
     args = parser.parse_args()
-    runs = set(args.runs.split(","))
-    if unknown := runs - set(RUNS):
-        parser.error(f"--runs: unknown run(s) {sorted(unknown)}; choose from {','.join(RUNS)}")
-    if args.hostile <= 0:
-        runs.discard("hostile")
-    if "hostile" in runs:
-        runs.add("ours1")  # the hostile rate is a share of the clean one
+    runs = chosen_runs(parser, args.runs, hostile=args.hostile)
     PREFETCH = args.prefetch
     n = args.readings
     rounds: list[dict[str, float]] = []
     splits: list[dict[str, dict[str, float]]] = []
     with RabbitBroker() as broker, PostgresServer() as pg:
+        if args.dead_queue != "quorum":
+            redeclare_dead_queue(broker, args.dead_queue)
         data = readings(n)
         for round_ in range(1, args.repeat + 1):
             if args.repeat > 1:
@@ -707,7 +726,7 @@ def main() -> int:
             if "ours x1" in r and "(d) minimal consumer" in r:
                 ratio = f"  ours x1 / (d) = {r['ours x1'] / r['(d) minimal consumer']:.2f}"
             for label, rate in r.items():
-                clean = "ours x1" if label.startswith("ours") else "(d) minimal consumer"
+                clean = clean_of(label)
                 if label.endswith("hostile") and clean in r:
                     ratio += f"  {label} / clean = {rate / r[clean]:.2f}"
             print(f"  {i}: {cells}{ratio}")
@@ -718,10 +737,34 @@ def main() -> int:
     return 0
 
 
+def chosen_runs(parser: argparse.ArgumentParser, names: str, *, hostile: float) -> set[str]:
+    """The runs named in ``--runs``, with the clean run each hostile run is a share of."""
+    runs = set(names.split(","))
+    if unknown := runs - set(RUNS):
+        parser.error(f"--runs: unknown run(s) {sorted(unknown)}; choose from {','.join(RUNS)}")
+    if hostile <= 0:
+        runs -= {"hostile", "hostile2"}
+    if "hostile" in runs:
+        runs.add("ours1")
+    if "hostile2" in runs:
+        runs.add("ours2")
+    return runs
+
+
+def redeclare_dead_queue(broker: RabbitBroker, kind: str) -> None:
+    """Replace readings.dead, empty, by a durable queue of type ``kind`` (an experiment: the
+    policy on its name still sets its length limit)."""
+    with contextlib.closing(broker.connection(broker.admin)) as conn:
+        channel = conn.channel()
+        channel.queue_delete("readings.dead")
+        channel.queue_declare("readings.dead", durable=True, arguments={"x-queue-type": kind})
+    print(f"readings.dead is a {kind} queue for this run (an experiment)", flush=True)
+
+
 def print_hostile_ratios(rounds: list[dict[str, float]]) -> None:
     """Each hostile run's rate over its consumer's clean rate: the median of the rounds."""
     for label in rounds[0]:
-        clean = "ours x1" if label.startswith("ours") else "(d) minimal consumer"
+        clean = clean_of(label)
         if label.endswith("hostile") and clean in rounds[0]:
             ratios = sorted(r[label] / r[clean] for r in rounds)
             print(
@@ -757,6 +800,8 @@ def one_round(
         results[label] = done / DRAIN_S[label]
     if "hostile" in runs:
         hostile_run(broker, pg, data, hostile, results)
+    if "hostile2" in runs:
+        hostile_run(broker, pg, data, hostile, results, replicas=2)
 
 
 def _ratio(rate: float, base: float | None) -> str:
@@ -782,7 +827,7 @@ def report(n: int, results: dict[str, float]) -> None:
     for label, rate in results.items():
         if not label.endswith("hostile"):
             continue
-        clean = "ours x1" if label.startswith("ours") else "(d) minimal consumer"
+        clean = clean_of(label)
         if clean in results:
             print(f"{label}: {rate / results[clean]:.2f} of {clean}'s clean rate")
     if not CPU_SPLIT:

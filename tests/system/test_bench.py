@@ -99,13 +99,40 @@ def test_drain_benchmark_runs_the_minimal_consumer_on_the_hostile_mix() -> None:
     assert re.search(ratio, out, re.M), out
 
 
-def test_e2e_benchmark_offers_the_maximum_to_the_minimal_consumer_too() -> None:
-    out = _bench("e2e", "--seconds", "1")
+def test_drain_benchmark_runs_two_replicas_on_the_hostile_mix_with_a_classic_dead_queue() -> None:
+    """The two experiment switches: two replicas on the hostile mix (as compose runs them),
+    against two on clean data, and readings.dead redeclared as a classic queue; the run ends
+    only once all 333 copies are in it."""
+    out = _bench("drain", "--readings", "3000", "--runs", "hostile2", "--dead-queue", "classic")
+    assert "readings.dead is a classic queue for this run (an experiment)" in out
+    assert "ours x2: 3000 in" in out
+    assert "ours x2 10% hostile: 3333 in" in out
+    ratio = r"^ours x2 10% hostile: [\d.]+ of ours x2's clean rate$"
+    assert re.search(ratio, out, re.M), out
+
+
+@pytest.mark.parametrize(
+    "publishers",
+    [
+        pytest.param(("--client", "lite"), id="lite"),
+        pytest.param(("--client", "paho", "--processes", "2"), id="paho-in-two-processes"),
+    ],
+)
+def test_e2e_benchmark_offers_the_maximum_to_the_baselines_too(publishers: tuple[str, ...]) -> None:
+    out = _bench("e2e", "--seconds", "1", *publishers)
     for label in ("100/s", "1,000/s", "max", "max, (d)", "baseline"):
         assert re.search(rf"^{re.escape(label)} +\d+ ", out, re.M), (label, out)
-    cpu = out[out.index("CPU, cores busy on average") :]
-    for label in ("baseline", "max", "max, (d)", "baseline after"):
+    assert re.search(r"^max, \(a\) +\d+ +nan +nan ", out, re.M), out  # it stores nothing
+    cpu = out[out.index("CPU, cores busy on average") : out.index("CPU per message")]
+    per_message = out[out.index("CPU per message") :]
+    for label in ("baseline", "max", "max, (d)", "max, (a)", "baseline after"):
         assert re.search(rf"^{re.escape(label)}( +\d+\.\d\d){{5}}$", cpu, re.M), (label, cpu)
+        row = rf"^{re.escape(label)}( +\d+\.\d){{5}}$"
+        assert re.search(row, per_message, re.M), (label, per_message)
+    # The publishers' CPU is theirs wherever they run: in processes of their own too.
+    publishers_cores = re.search(r"^baseline +(\d+\.\d\d) ", cpu, re.M)
+    assert publishers_cores, cpu
+    assert float(publishers_cores[1]) > 0.05, cpu
 
 
 def test_statement_benchmark_runs_every_variant() -> None:
