@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -107,18 +108,22 @@ def _body(node: str, seq: int) -> bytes:
     )
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What each node publishes: ``total`` readings from ``first_seq``, at ``per_node`` a
+    second (0: as fast as acknowledged)."""
+
+    per_node: float
+    total: int
+    first_seq: int
+
+
 def _paho_publish(
-    port: int,
-    nodes: list[NodeCredentials],
-    per_node: float,
-    total: int,
-    first_seq: int,
-    *,
-    ready: Callable[[], None],
+    port: int, nodes: list[NodeCredentials], plan: Plan, *, ready: Callable[[], None]
 ) -> float:
     """One paho client (and its network thread) per node; seconds from ``ready`` to the last
     PUBACK."""
-    threads = [Publisher(port, c, per_node, total, first_seq) for c in nodes]
+    threads = [Publisher(port, c, plan.per_node, plan.total, plan.first_seq) for c in nodes]
     ready()
     began = time.perf_counter()
     for p in threads:
@@ -129,17 +134,12 @@ def _paho_publish(
 
 
 async def _lite_publish(
-    port: int,
-    nodes: list[NodeCredentials],
-    per_node: float,
-    total: int,
-    first_seq: int,
-    *,
-    ready: Callable[[], None],
+    port: int, nodes: list[NodeCredentials], plan: Plan, *, ready: Callable[[], None]
 ) -> float:
     """One bench.mqtt_lite connection per node on one event loop, 100 PUBLISHes in flight
     each, the next written from the PUBACK's callback; seconds from ``ready`` to the last
     PUBACK. Raises if a connection is lost."""
+    per_node, total, first_seq = plan.per_node, plan.total, plan.first_seq
     loop = asyncio.get_running_loop()
     finished = loop.create_future()
     sent = dict.fromkeys(range(len(nodes)), 0)
@@ -221,10 +221,11 @@ def _publish_here(
     (messages, seconds from ``ready`` to the last PUBACK)."""
     rate, seconds, first_seq, all_nodes = order
     per_node, total = _per_node(rate, seconds, all_nodes)
+    plan = Plan(per_node, total, first_seq)
     if client == "lite":
-        took = asyncio.run(_lite_publish(port, nodes, per_node, total, first_seq, ready=ready))
+        took = asyncio.run(_lite_publish(port, nodes, plan, ready=ready))
     else:
-        took = _paho_publish(port, nodes, per_node, total, first_seq, ready=ready)
+        took = _paho_publish(port, nodes, plan, ready=ready)
     return total * len(nodes), took
 
 
