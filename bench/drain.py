@@ -758,6 +758,11 @@ def redeclare_dead_queue(broker: RabbitBroker, kind: str) -> None:
         channel = conn.channel()
         channel.queue_delete("readings.dead")
         channel.queue_declare("readings.dead", durable=True, arguments={"x-queue-type": kind})
+    listed = dict(
+        line.split("\t")[:2] for line in broker.ctl("list_queues", "name", "type").splitlines()
+    )
+    if listed.get("readings.dead") != kind:
+        raise RuntimeError(f"readings.dead is {listed.get('readings.dead')!r}, not {kind!r}")
     print(f"readings.dead is a {kind} queue for this run (an experiment)", flush=True)
 
 

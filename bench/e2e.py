@@ -34,6 +34,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.process
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -133,6 +134,63 @@ def _paho_publish(
     return time.perf_counter() - began
 
 
+async def _connect_all(
+    port: int,
+    nodes: list[NodeCredentials],
+    on_ack: Callable[[int], Callable[[float, object], None]],
+) -> list[mqtt_lite.MqttConnection]:
+    """One bench.mqtt_lite connection per node (``on_ack(k)`` for node k); if one fails, the
+    ones already open are closed."""
+    conns: list[mqtt_lite.MqttConnection] = []
+    try:
+        for k, c in enumerate(nodes):
+            conns.append(
+                await mqtt_lite.connect(
+                    "127.0.0.1",
+                    port,
+                    client_id=c.username,
+                    username=c.username,
+                    password=c.password,
+                    keepalive=60,
+                    on_ack=on_ack(k),
+                    timeout=10,
+                )
+            )
+    except BaseException:
+        for conn in conns:
+            conn.disconnect()
+        raise
+    return conns
+
+
+async def _until_acked(
+    finished: asyncio.Future[None],
+    conns: list[mqtt_lite.MqttConnection],
+    pacers: list[asyncio.Future[None]],
+) -> None:
+    """Wait for ``finished`` (every PUBACK); raise on a lost connection, a failed pacer (one
+    that has published its share is done without failing) or 600 s."""
+    lost = [asyncio.ensure_future(conn.closed) for conn in conns]
+    waiting, deadline = {finished, *lost, *pacers}, time.perf_counter() + 600
+    while not finished.done() and waiting:
+        done, waiting = await asyncio.wait(
+            waiting,
+            timeout=max(0.0, deadline - time.perf_counter()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if not done or any(f in lost or f.exception() is not None for f in done):
+            break
+    failed = [p.exception() for p in pacers if p.done() and not p.cancelled()]
+    for pacer in (*pacers, *lost):
+        pacer.cancel()
+    if not finished.done():
+        reasons = {c.lost_reason for c in conns if c.lost}
+        reasons |= {f"{type(e).__name__}: {e}" for e in failed if e is not None}
+        raise RuntimeError(
+            f"publishing failed: {', '.join(sorted(reasons)) or '600 s without every PUBACK'}"
+        )
+
+
 async def _lite_publish(
     port: int, nodes: list[NodeCredentials], plan: Plan, *, ready: Callable[[], None]
 ) -> float:
@@ -141,7 +199,7 @@ async def _lite_publish(
     PUBACK. Raises if a connection is lost."""
     per_node, total, first_seq = plan.per_node, plan.total, plan.first_seq
     loop = asyncio.get_running_loop()
-    finished = loop.create_future()
+    finished: asyncio.Future[None] = loop.create_future()
     sent = dict.fromkeys(range(len(nodes)), 0)
     acked = [0]
     room = [asyncio.Event() for _ in nodes]
@@ -159,19 +217,7 @@ async def _lite_publish(
 
         return ack
 
-    conns = [
-        await mqtt_lite.connect(
-            "127.0.0.1",
-            port,
-            client_id=c.username,
-            username=c.username,
-            password=c.password,
-            keepalive=60,
-            on_ack=on_ack(k),
-            timeout=10,
-        )
-        for k, c in enumerate(nodes)
-    ]
+    conns = await _connect_all(port, nodes, on_ack)
     topics = [f"sensors/{c.username}/s1" for c in nodes]
 
     async def paced(k: int) -> None:
@@ -190,20 +236,16 @@ async def _lite_publish(
     began = time.perf_counter()
     try:
         if per_node:
-            pacers = [asyncio.ensure_future(paced(k)) for k in range(len(nodes))]
+            pacers: list[asyncio.Future[None]] = [
+                asyncio.ensure_future(paced(k)) for k in range(len(nodes))
+            ]
         else:
             pacers = []
             for k, conn in enumerate(conns):
                 for _ in range(min(100, total)):
                     conn.publish(topics[k], _body(nodes[k].username, first_seq + sent[k]))
                     sent[k] += 1
-        lost = [asyncio.ensure_future(conn.closed) for conn in conns]
-        await asyncio.wait([finished, *lost], timeout=600, return_when=asyncio.FIRST_COMPLETED)
-        for pacer in pacers:
-            pacer.cancel()
-        if not finished.done():
-            reasons = {c.lost_reason for c in conns if c.lost} or {"600 s without every PUBACK"}
-            raise RuntimeError(f"publishing failed: {', '.join(sorted(reasons))}")
+        await _until_acked(finished, conns, pacers)
         return time.perf_counter() - began
     finally:
         for conn in conns:
@@ -250,7 +292,12 @@ class Publishers:
     def __init__(
         self, broker: RabbitBroker, nodes: list[NodeCredentials], client: str, processes: int
     ) -> None:
+        if not 1 <= processes <= len(nodes):
+            raise ValueError(
+                f"processes: {processes}; give 1 to {len(nodes)} (one node at least each)"
+            )
         self.port, self.nodes, self.client = broker.mqtt_port, nodes, client
+        self.published_by_processes = 0
         self._orders: list[Any] = []
         self._procs: list[multiprocessing.process.BaseProcess] = []
         if processes <= 1:
@@ -277,18 +324,44 @@ class Publishers:
             return _publish_here(self.client, self.port, self.nodes, order, lambda: None)
         for orders in self._orders:
             orders.put(order)
-        self._barrier.wait(60)
+        try:
+            self._barrier.wait(60)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(
+                f"publisher processes did not all connect: {self._states()}"
+            ) from None
         began = time.perf_counter()
-        sent = sum(self._done.get(timeout=600) for _ in self._procs)
+        sent, reports, deadline = 0, 0, began + 600
+        while reports < len(self._procs):
+            try:
+                sent += self._done.get(timeout=1)
+                reports += 1
+            except queue.Empty:
+                if any(not p.is_alive() for p in self._procs) or time.perf_counter() > deadline:
+                    raise RuntimeError(f"publishing failed: {self._states()}") from None
+        self.published_by_processes += sent
         return sent, time.perf_counter() - began
 
-    def close(self) -> None:
+    def _states(self) -> str:
+        return ", ".join(
+            f"pid {p.pid} {'alive' if p.is_alive() else f'exited {p.exitcode}'}"
+            for p in self._procs
+        )
+
+    def close(self) -> str:
+        """End the processes; a line saying what they did (empty without processes)."""
         for orders in self._orders:
             orders.put(None)
         for proc in self._procs:
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
+        if not self._procs:
+            return ""
+        return (
+            f"publisher processes: {len(self._procs)} ({self._states()}), "
+            f"{self.published_by_processes} messages published by them"
+        )
 
 
 def wait_rows(url: str, expected: int) -> float:
@@ -415,6 +488,8 @@ def main() -> int:
         help="the publishers' MQTT client: paho-mqtt, or bench.mqtt_lite (less CPU per publish)",
     )
     args = parser.parse_args()
+    if not 1 <= args.processes <= PUBLISHERS:
+        parser.error(f"--processes: {args.processes}; give 1 to {PUBLISHERS}")
     rows: list[tuple[str, float, float, float]] = []
     with RabbitBroker() as broker, PostgresServer() as pg:
         nodes = [broker.add_node(f"bench-{n}") for n in range(PUBLISHERS)]
@@ -422,7 +497,9 @@ def main() -> int:
         try:
             baseline = _run(broker, pg, publishers, args.seconds, rows)
         finally:
-            publishers.close()
+            done = publishers.close()
+    if done:
+        print(done)
     print(
         f"\nEnd to end, MQTT QoS 1 -> committed row, {PUBLISHERS} {args.client} publishers in "
         f"{max(args.processes, 1)} process(es) ({os.cpu_count()} cores)"
@@ -499,7 +576,10 @@ def _run(
 def print_cores() -> None:
     """Where the cycles went in each run: cores busy on average, per party."""
     parties = ("publishers", "RabbitMQ", "consumer", "PostgreSQL")
-    print(f"\nCPU, cores busy on average ({os.cpu_count()} cores; the publishers are this process)")
+    print(
+        f"\nCPU, cores busy on average ({os.cpu_count()} cores; the publishers are this "
+        "process and its publisher processes)"
+    )
     print(f"{'run':<16}" + "".join(f"{p:>12}" for p in parties) + f"{'total':>8}")
     for label, split in CORES.items():
         cells = "".join(f"{split.get(p, 0.0):>12.2f}" for p in parties)

@@ -7,7 +7,7 @@ own, for bench.e2e.
 (d) consumes ``readings`` until N readings are committed (COPY of each batch of 1,000, one
 ``basic_ack(multiple=True)`` after the commit). With ``--raw``, (a) takes N messages off the
 queue (json.loads each, a multiple ack every 500) and stores nothing: the least any consumer
-costs the broker. Either exits 0 once it has N, and gives up after 60 s with nothing delivered.
+does. Either exits 0 once it has N, and gives up after 60 s with nothing delivered.
 """
 
 from __future__ import annotations

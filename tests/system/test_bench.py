@@ -6,6 +6,7 @@ checked is that the code paths the README's bench command runs still work end to
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -111,6 +112,21 @@ def test_drain_benchmark_runs_two_replicas_on_the_hostile_mix_with_a_classic_dea
     assert re.search(ratio, out, re.M), out
 
 
+def _row(table: str, label: str) -> list[float]:
+    """The leading numbers of ``label``'s row in one of a benchmark's tables (``nan`` kept, a
+    ``%`` dropped), up to the first cell that is not a number."""
+    for rest in re.findall(rf"^{re.escape(label)} +(\S.*)$", table, re.M):
+        cells: list[float] = []
+        for cell in rest.split():
+            try:
+                cells.append(float(cell.removesuffix("%")))
+            except ValueError:
+                break
+        if cells:
+            return cells
+    raise AssertionError(f"no row {label!r} in {table}")
+
+
 @pytest.mark.parametrize(
     "publishers",
     [
@@ -120,19 +136,43 @@ def test_drain_benchmark_runs_two_replicas_on_the_hostile_mix_with_a_classic_dea
 )
 def test_e2e_benchmark_offers_the_maximum_to_the_baselines_too(publishers: tuple[str, ...]) -> None:
     out = _bench("e2e", "--seconds", "1", *publishers)
+    rates = out[out.index("offered  ") : out.index("targets:")]
     for label in ("100/s", "1,000/s", "max", "max, (d)", "baseline"):
-        assert re.search(rf"^{re.escape(label)} +\d+ ", out, re.M), (label, out)
-    assert re.search(r"^max, \(a\) +\d+ +nan +nan ", out, re.M), out  # it stores nothing
+        assert _row(rates, label)[0] > 0, (label, rates)
+    assert all(math.isnan(x) for x in _row(rates, "max, (a)")[1:3]), rates  # stores nothing
+    # Paced runs keep to their pace: never more than half again as fast as offered.
+    assert _row(rates, "100/s")[0] <= 150, rates
+    assert _row(rates, "1,000/s")[0] <= 1500, rates
     cpu = out[out.index("CPU, cores busy on average") : out.index("CPU per message")]
     per_message = out[out.index("CPU per message") :]
     for label in ("baseline", "max", "max, (d)", "max, (a)", "baseline after"):
-        assert re.search(rf"^{re.escape(label)}( +\d+\.\d\d){{5}}$", cpu, re.M), (label, cpu)
-        row = rf"^{re.escape(label)}( +\d+\.\d){{5}}$"
-        assert re.search(row, per_message, re.M), (label, per_message)
-    # The publishers' CPU is theirs wherever they run: in processes of their own too.
-    publishers_cores = re.search(r"^baseline +(\d+\.\d\d) ", cpu, re.M)
-    assert publishers_cores, cpu
-    assert float(publishers_cores[1]) > 0.05, cpu
+        assert len(_row(cpu, label)) == 5, (label, cpu)
+        assert len(_row(per_message, label)) == 5, (label, per_message)
+    # Per message and in cores, the same CPU: at the maximum, cores busy over the rate stored.
+    from_cores = _row(cpu, "max")[4] / _row(rates, "max")[0] * 1e6
+    assert 0.75 <= _row(per_message, "max")[4] / from_cores <= 1.25, (from_cores, out)
+    assert _row(cpu, "baseline")[0] > 0.05, cpu  # the publishers, wherever they run
+    if "--processes" in publishers:
+        done = re.search(
+            r"^publisher processes: 2 \((.*)\), (\d+) messages published by them$", out, re.M
+        )
+        assert done, out
+        assert done[1].count("exited 0") == 2, done[0]
+        assert int(done[2]) > 0, done[0]
+
+
+def test_e2e_benchmark_refuses_more_processes_than_publishers() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.e2e", "--processes", "5"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--processes: 5; give 1 to 4" in done.stderr
 
 
 def test_statement_benchmark_runs_every_variant() -> None:
