@@ -35,9 +35,9 @@ def test_cpu_meter_counts_a_process_tree_and_nothing_else() -> None:
     assert totals["idle"] < 0.2, totals
 
 
-def _bench(module: str, *args: str) -> str:
-    """Run ``python -m bench.<module> args`` from the repository; its standard output."""
-    done = subprocess.run(
+def _run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bench.<module> args`` from the repository, whatever its exit code."""
+    return subprocess.run(
         [sys.executable, "-m", f"bench.{module}", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -46,6 +46,11 @@ def _bench(module: str, *args: str) -> str:
         timeout=300,
         check=False,
     )
+
+
+def _bench(module: str, *args: str) -> str:
+    """Run ``python -m bench.<module> args``; its standard output, once it exited 0."""
+    done = _run_bench(module, *args)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -162,15 +167,7 @@ def test_e2e_benchmark_offers_the_maximum_to_the_baselines_too(publishers: tuple
 
 
 def test_e2e_benchmark_refuses_more_processes_than_publishers() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.e2e", "--processes", "5"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _run_bench("e2e", "--processes", "5")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--processes: 5; give 1 to 4" in done.stderr
 
