@@ -627,6 +627,17 @@ def test_the_pi_unit_sends_at_once_and_keeps_its_outbox(
             docker_engine.docker("restart", "--time", "60", pi.name, timeout=180)
             pi.wait_booted()
             assert pi.run("test", "-e", TIMESYNC_FLAG, check=False).returncode != 0
+            # With no flag yet the agent's clock check asks timedatectl, which says no. Wait
+            # for that check before the flag appears: systemd reports the boot finished before
+            # the agent's Python has started, and on a loaded machine the agent found the flag
+            # first (CI, 2026-12-07), so nothing was held. No start before this one asked
+            # timedatectl: each found the flag.
+            wait_for(
+                "the agent's clock check through timedatectl",
+                lambda: "source=timedatectl" in pi.journal(),
+                60,
+                interval=0.5,
+            )
             pi.timesyncd_synchronised()
             rebooted = pi.show(UNIT, "ActiveState", "InvocationID")
             assert rebooted["ActiveState"] == "active", pi.journal()
