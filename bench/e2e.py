@@ -56,13 +56,11 @@ PUBLISHERS = 4
 
 
 class Publisher(threading.Thread):
-    """One node publishing ``total`` readings at ``rate`` per second (0: as fast as acked)."""
+    """One node's paho client publishing its ``plan``."""
 
-    def __init__(
-        self, mqtt_port: int, creds: NodeCredentials, rate: float, total: int, first_seq: int
-    ) -> None:
+    def __init__(self, mqtt_port: int, creds: NodeCredentials, plan: Plan) -> None:
         super().__init__(daemon=True)
-        self.creds, self.rate, self.total, self.first_seq = creds, rate, total, first_seq
+        self.creds, self.plan = creds, plan
         self.window = threading.Semaphore(100)
         self.done = threading.Event()
         self.acked = 0
@@ -78,19 +76,19 @@ class Publisher(threading.Thread):
     def _on_publish(self, *_args: object) -> None:
         self.acked += 1
         self.window.release()
-        if self.acked >= self.total:
+        if self.acked >= self.plan.total:
             self.done.set()
 
     def run(self) -> None:
-        node = self.creds.username
+        node, plan = self.creds.username, self.plan
         began = time.perf_counter()
-        for i in range(self.total):
-            if self.rate:
-                delay = began + i / self.rate - time.perf_counter()
+        for i in range(plan.total):
+            if plan.per_node:
+                delay = began + i / plan.per_node - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
             self.window.acquire()
-            self.client.publish(f"sensors/{node}/s1", _body(node, self.first_seq + i), qos=1)
+            self.client.publish(f"sensors/{node}/s1", _body(node, plan.first_seq + i), qos=1)
         self.done.wait(300)
         self.client.disconnect()
         self.client.loop_stop()
@@ -124,7 +122,7 @@ def _paho_publish(
 ) -> float:
     """One paho client (and its network thread) per node; seconds from ``ready`` to the last
     PUBACK."""
-    threads = [Publisher(port, c, plan.per_node, plan.total, plan.first_seq) for c in nodes]
+    threads = [Publisher(port, c, plan) for c in nodes]
     ready()
     began = time.perf_counter()
     for p in threads:
@@ -393,8 +391,8 @@ def latency(url: str, first_seq: int) -> tuple[float, float]:
     return float(row[0]), float(row[1])
 
 
-CORES: dict[str, dict[str, float]] = {}  # label -> party -> cores busy on average
 CPU_S: dict[str, dict[str, float]] = {}  # label -> party -> CPU seconds
+WALL_S: dict[str, float] = {}  # label -> seconds the metered block took
 MESSAGES: dict[str, int] = {}  # label -> messages published in the metered block
 
 
@@ -402,7 +400,7 @@ MESSAGES: dict[str, int] = {}  # label -> messages published in the metered bloc
 def cores(
     label: str, broker: RabbitBroker, pg: PostgresServer, consumer: int | None = None
 ) -> Iterator[None]:
-    """Meter the block: each party's CPU seconds over its wall time, into ``CORES``."""
+    """Meter the block: each party's CPU seconds into ``CPU_S``, its wall time into ``WALL_S``."""
     roots: dict[str, list[int]] = {"consumer": [consumer]} if consumer else {}
     roots["PostgreSQL"] = [postmaster_pid(pg.data)]
     roots["publishers"] = [os.getpid()]  # its children above are counted as their own
@@ -412,10 +410,8 @@ def cores(
     try:
         yield
     finally:
-        split = meter.stop()
-        seconds = time.perf_counter() - began
-        CORES[label] = {name: cpu / seconds for name, cpu in split.items()}
-        CPU_S[label] = split
+        CPU_S[label] = meter.stop()
+        WALL_S[label] = time.perf_counter() - began
 
 
 def other_at_max(
@@ -581,9 +577,10 @@ def print_cores() -> None:
         "process and its publisher processes)"
     )
     print(f"{'run':<16}" + "".join(f"{p:>12}" for p in parties) + f"{'total':>8}")
-    for label, split in CORES.items():
-        cells = "".join(f"{split.get(p, 0.0):>12.2f}" for p in parties)
-        print(f"{label:<16}{cells}{sum(split.values()):>8.2f}")
+    for label, split in CPU_S.items():
+        busy = {p: split.get(p, 0.0) / WALL_S[label] for p in parties}
+        cells = "".join(f"{busy[p]:>12.2f}" for p in parties)
+        print(f"{label:<16}{cells}{sum(busy.values()):>8.2f}")
     print("\nCPU per message, us (each party's CPU seconds over the messages published)")
     print(f"{'run':<16}" + "".join(f"{p:>12}" for p in parties) + f"{'total':>8}")
     for label, split in CPU_S.items():
