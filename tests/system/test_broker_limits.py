@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pika
+import pika.exceptions
 import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -348,3 +350,80 @@ def test_a_flooding_node_does_not_stop_the_others(
         for agent in agents:
             if agent.alive():
                 agent.kill()
+
+
+@pytest.mark.slow
+def test_an_unusable_message_reaches_a_full_dead_letter_queue_by_the_brokers_way(
+    rabbit: RabbitBroker, database: Database
+) -> None:
+    """When ``readings.dead`` is full (its length limit reached, reject-publish), the broker
+    refuses the consumer's copy of an unusable message, and the consumer rejects the original
+    instead (pipeline.deadletters). The readings queue's dead-letter policy then moves the
+    original into ``readings.dead`` itself, full or not: it is kept, with the broker's
+    ``x-death`` record, and the reason is in the consumer's log."""
+    policy = next(p for p in DEFINITIONS["policies"] if p["name"] == "readings-dead-limits")
+    full = {**policy["definition"], "max-length": 1}
+    rabbit.ctl(
+        "set_policy",
+        "--priority",
+        "99",
+        "--apply-to",
+        "queues",
+        "test-full-readings-dead",
+        r"^readings\.dead$",
+        json.dumps(full),
+    )
+    unusable = b'{"version": 1, "node": "pi-dead-full", "not": "a reading"}'
+    try:
+        fillers = _fill(rabbit, "readings.dead")
+        with ConsumerProcess(rabbit, database.writer_url) as consumer:
+            rabbit.publish([("sensors.pi-dead-full.t1", unusable)])
+            wait_for(
+                "the copy refused and the original rejected",
+                lambda: "dead-letter copy refused, rejecting instead" in consumer.log,
+                30,
+            )
+            assert "unknown field 'not'" in consumer.log  # the reason, logged
+            wanted = len(fillers) + 1
+            wait_for(
+                "the original in readings.dead",
+                lambda: rabbit.depth("readings.dead") >= wanted,
+                30,
+            )
+            time.sleep(1.5)  # quorum queue counts lag: nothing more arrives
+            got = _messages(rabbit, "readings.dead", wanted + 1)
+            assert sorted(body for _props, body in got) == sorted([*fillers, unusable])
+            props = next(props for props, body in got if body == unusable)
+            deaths = (props.headers or {}).get("x-death")
+            assert deaths, props
+            assert deaths[0]["reason"] == "rejected", deaths
+            assert deaths[0]["queue"] == "readings", deaths
+            assert rabbit.depth("readings") == 0
+    finally:
+        with contextlib.suppress(RuntimeError):
+            rabbit.ctl("clear_policy", "test-full-readings-dead")
+
+
+def _fill(rabbit: RabbitBroker, queue: str) -> list[bytes]:
+    """Publish into ``queue`` until it refuses a publish (a quorum queue's reject-publish lets
+    the publish that reaches its limit in); the bodies it took."""
+    taken: list[bytes] = []
+    with contextlib.closing(rabbit.connection(rabbit.admin)) as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        for n in range(10):
+            body = f"filler {n}".encode()
+            try:
+                channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2))
+            except pika.exceptions.NackError:
+                return taken
+            taken.append(body)
+    raise AssertionError(f"{queue} took {len(taken)} messages and refused none")
+
+
+def _messages(rabbit: RabbitBroker, queue: str, limit: int) -> list[tuple[Any, bytes]]:
+    """Up to ``limit`` messages of ``queue`` as (properties, body), left in place."""
+    with contextlib.closing(rabbit.connection(rabbit.admin)) as conn:
+        channel = conn.channel()
+        got = [channel.basic_get(queue, auto_ack=False) for _ in range(limit)]
+        return [(props, body) for method, props, body in got if method is not None]
