@@ -112,6 +112,11 @@ _HOSTILE: tuple[bytes, ...] = (
 )
 
 
+def unusable_messages(n: int) -> list[bytes]:
+    """``n`` unusable messages, the kinds above in turn."""
+    return [_HOSTILE[i % len(_HOSTILE)] for i in range(n)]
+
+
 def mixed(clean: list[tuple[str, bytes]], share: float) -> tuple[list[tuple[str, bytes]], int]:
     """The clean readings with unusable messages spread evenly among them: (messages, hostile)."""
     if share <= 0:
@@ -147,8 +152,10 @@ def publish(broker: RabbitBroker, messages: list[tuple[str, bytes]]) -> None:
             conn.process_data_events(time_limit=0.5)
 
 
-def quiesce(broker: RabbitBroker, pg: PostgresServer, *, limit_s: float = 60.0) -> float:
-    """Wait until the broker and the database are idle; return the seconds waited.
+def quiesce(
+    broker: RabbitBroker, pg: PostgresServer | None = None, *, limit_s: float = 60.0
+) -> float:
+    """Wait until the broker and the database (if any) are idle; return the seconds waited.
 
     A run used to start while the previous one's aftermath still ran: PostgreSQL writing out
     the last run's rows (checkpoint, autovacuum), the quorum queue moving the publish from its
@@ -159,14 +166,16 @@ def quiesce(broker: RabbitBroker, pg: PostgresServer, *, limit_s: float = 60.0) 
     second, or after ``limit_s``.
     """
     began = time.monotonic()
-    with psycopg.connect(pg.url(), autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
-    postmaster = postmaster_pid(pg.data)
+    roots = {broker.pid}
+    if pg is not None:
+        with psycopg.connect(pg.url(), autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+        roots.add(postmaster_pid(pg.data))
 
     def busy() -> dict[int, float]:
         """CPU seconds so far of each of the broker's and the postmaster's processes."""
         procs = snapshot()
-        tree = {postmaster, broker.pid}
+        tree = set(roots)
         for pid, (ppid, _sid, _cpu) in sorted(procs.items()):
             if ppid in tree:
                 tree.add(pid)  # the postmaster's children, the broker's helpers

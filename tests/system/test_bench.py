@@ -172,6 +172,24 @@ def test_e2e_benchmark_refuses_more_processes_than_publishers() -> None:
     assert "--processes: 5; give 1 to 4" in done.stderr
 
 
+def test_deadletter_benchmark_prices_every_route_and_loses_nothing() -> None:
+    """Each route settles every message exactly once (the bench checks the queues' counts
+    and fails otherwise) and is priced against plain delivery."""
+    out = _bench("deadletter", "--messages", "600", "--repeat", "1")
+    table = out[out.index("Dead-lettering 600 unusable messages") :]
+    assert len(_row(table, "ack")) == 3, table  # rate, broker, consumer; no "beyond" for it
+    for route in ("copy", "ours", "copy-bare", "nack", "nack-once"):
+        rate, broker, consumer, beyond = _row(table, route)[:4]
+        assert min(rate, broker, consumer) > 0, (route, table)
+        assert math.isclose(beyond, broker - _row(table, "ack")[1], abs_tol=0.11), (route, table)
+
+
+def test_deadletter_benchmark_needs_its_baseline() -> None:
+    done = _run_bench("deadletter", "--runs", "copy")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "ack is the baseline and must run" in done.stderr
+
+
 def test_statement_benchmark_runs_every_variant() -> None:
     """Each variant stores every reading (the benchmark checks the count), so the statement's
     parts are still where the benchmark cuts them out."""

@@ -1,0 +1,307 @@
+"""What it costs the broker to dead-letter a message, by route, apart from any consumer's work.
+
+    .venv/bin/python -m bench.deadletter [--messages 30000] [--repeat 3] [--runs ack,copy,...]
+
+Starts a private RabbitMQ (the test harness, configured by gateway/), and for each route
+queues the same unusable messages (the kinds `bench.drain` mixes in) into a fresh quorum
+queue, takes them off with the barest pika consumer (prefetch 3000, no decoding), and meters
+the broker's CPU and the consumer's until every message is settled and, where it is
+dead-lettered, sits in the dead-letter queue:
+
+  ack        acknowledged (a multiple ack every 500): what delivering a message costs; the
+             baseline the others are compared with
+  copy       a copy of each into the dead-letter quorum queue with the headers our consumer
+             writes (reason, origin, time, program, signature; built once per kind, so the
+             consumer's share is the least a copy can cost), in confirm mode, and the
+             originals acknowledged once their copies are confirmed: our consumer's route
+  ours       the same copies made by our consumer's own code (pipeline.deadletters'
+             DeadLetterPublisher: properties signed afresh for each copy, frames marshalled
+             by the pipeline, confirms settled as the consumer settles them): what our copy
+             costs the consumer, with no decoding (pika's own dispatch gives each delivery
+             new properties, so the consumer's cache of encoded kept headers never hits;
+             these deliveries carry no headers to keep)
+  copy-bare  the same copies without any header (delivery mode 2 only): what our headers add
+  nack       basic_nack(requeue=False), multiple every 500, on a queue with
+             x-dead-letter-strategy at-least-once: the broker dead-letters each message
+             itself, with its own confirms; no reason travels with it
+  nack-once  the same with the default strategy, at-most-once (no confirms between the
+             queues: a message the target does not take is lost): for reference only
+
+Per route: the broker's and the consumer's CPU per message, and per dead-lettered message
+the broker's CPU beyond delivering it (the route less ``ack``). Medians over the rounds,
+which alternate the routes. Compare with `bench.drain`'s hostile run: a hostile message may
+cost all parties together at most (1 / 0.9 - 0.9) / 0.1 = 2.11 times a clean reading for
+the hostile run to keep 0.9 of the clean rate (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pika
+import pika.channel
+import pika.frame
+import pika.spec
+from pika.adapters.blocking_connection import BlockingChannel
+
+from bench.cpu import CpuMeter
+from bench.drain import PREFETCH, quiesce, unusable_messages
+from pipeline.deadletters import DeadLetterPublisher, Delivery, copy_properties
+from pipeline.origin import derive_key
+from tests.harness import RabbitBroker
+
+SOURCE = "dl-bench"
+DEAD = "dl-bench.dead"
+ACK_EVERY = 500
+ROUTES = ("ack", "copy", "ours", "copy-bare", "nack", "nack-once")
+
+
+def _declare(broker: RabbitBroker, route: str) -> None:
+    """A fresh, empty source and dead-letter queue, both quorum, for ``route``."""
+    args: dict[str, object] = {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": DEAD,
+        "x-overflow": "reject-publish",  # at-least-once dead-lettering requires it
+    }
+    if route != "nack-once":
+        args["x-dead-letter-strategy"] = "at-least-once"
+    with contextlib.closing(broker.connection(broker.admin)) as conn:
+        channel = conn.channel()
+        for queue in (SOURCE, DEAD):
+            channel.queue_delete(queue)
+        channel.queue_declare(DEAD, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_declare(SOURCE, durable=True, arguments=args)
+
+
+def _queue(broker: RabbitBroker, bodies: list[bytes]) -> None:
+    props = pika.BasicProperties(delivery_mode=2)
+    with contextlib.closing(broker.connection(broker.admin)) as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()  # one round trip each, but untimed; nothing gets lost
+        for body in bodies:
+            channel.basic_publish("", SOURCE, body, props)
+    broker.wait_depth(SOURCE, len(bodies), timeout=120)
+
+
+def _copy_properties(bodies: list[bytes]) -> dict[bytes, pika.BasicProperties]:
+    """Per kind of message, the properties our consumer gives its copy (pipeline.deadletters)."""
+    key = derive_key("bench")
+    props = pika.BasicProperties(delivery_mode=2)
+    return {
+        body: copy_properties(
+            Delivery(0, "readings", "sensors.node-0.s0", props, body),
+            f"reason of the kind of {body[:20]!r}: a sentence about as long as the decoder's",
+            key=key,
+            now=datetime.now(UTC),
+        )
+        for body in set(bodies)
+    }
+
+
+class _Confirms:
+    """Publisher confirms counted as they come (one frame may confirm many)."""
+
+    def __init__(self, conn: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        self.impl: pika.channel.Channel = getattr(channel, "_impl")  # noqa: B009
+        self.confirmed = 0
+        self.refused = 0
+        selected: list[bool] = []
+        self.impl.confirm_delivery(self._on, callback=lambda _frame: selected.append(True))
+        while not selected:
+            conn.process_data_events(time_limit=0.1)
+
+    def _on(self, frame: pika.frame.Method) -> None:  # type: ignore[type-arg]
+        if isinstance(frame.method, pika.spec.Basic.Nack):
+            self.refused += 1
+        self.confirmed = max(self.confirmed, int(frame.method.delivery_tag or 0))
+
+
+def _drain(
+    broker: RabbitBroker, route: str, n: int, copies: dict[bytes, pika.BasicProperties]
+) -> None:
+    """Take ``n`` messages off the source queue and settle each by ``route`` (as the admin:
+    the bench's queues are outside the pipeline account's permissions)."""
+    with contextlib.closing(broker.connection(broker.admin)) as conn:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=PREFETCH)
+        confirms = _Confirms(conn, conn.channel()) if route.startswith("copy") else None
+        bare = pika.BasicProperties(delivery_mode=2)
+        tags: list[int] = []  # the delivery tag of the i-th message (copy route)
+        settled = 0
+        deliveries = channel.consume(SOURCE, inactivity_timeout=30)
+        for got, (method, _props, body) in enumerate(deliveries, 1):
+            if method is None:
+                raise RuntimeError(f"{route}: nothing delivered for 30 s after {got - 1} messages")
+            tag = int(method.delivery_tag)
+            if confirms is not None:
+                props = bare if route == "copy-bare" else copies[body]
+                confirms.impl.basic_publish("", DEAD, body, props, mandatory=True)
+                tags.append(tag)
+                # Acknowledge what is confirmed, as our consumer does (never past a copy
+                # still unconfirmed).
+                if confirms.confirmed - settled >= ACK_EVERY:
+                    settled = confirms.confirmed
+                    channel.basic_ack(tags[settled - 1], multiple=True)
+            elif got % ACK_EVERY == 0 or got == n:
+                if route == "ack":
+                    channel.basic_ack(tag, multiple=True)
+                else:
+                    channel.basic_nack(tag, multiple=True, requeue=False)
+                settled = got
+            if got >= n:
+                break
+        if confirms is not None:
+            deadline = time.monotonic() + 60
+            while confirms.confirmed < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"copy: {n - confirms.confirmed} copies unconfirmed")
+                conn.process_data_events(time_limit=0.005)
+            if confirms.refused:
+                raise RuntimeError(f"copy: the broker refused {confirms.refused} copies")
+            channel.basic_ack(tags[-1], multiple=True)
+        channel.cancel()
+
+
+def _drain_ours(broker: RabbitBroker, n: int) -> None:
+    """Our consumer's copy path: each message copied by DeadLetterPublisher with a reason and
+    a signature made for it, the originals acknowledged (a multiple ack every 500) once their
+    copies are confirmed."""
+    key = derive_key("bench")
+    reason = "reason of a rejected message: a sentence about as long as the decoder's"
+    with contextlib.closing(broker.connection(broker.admin)) as conn:
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=PREFETCH)
+        publisher = DeadLetterPublisher(channel, conn, timeout_s=30)
+        ready = acked = 0
+        deliveries = channel.consume(SOURCE, inactivity_timeout=30)
+        for got, (method, props, body) in enumerate(deliveries, 1):
+            if method is None:
+                raise RuntimeError(f"ours: nothing delivered for 30 s after {got - 1} messages")
+            delivery = Delivery(int(method.delivery_tag), SOURCE, "sensors.node-0.s0", props, body)
+            publisher.dead_letter(delivery, reason, DEAD, key=key)
+            ready = _settle(publisher, channel, ready)
+            if ready - acked >= ACK_EVERY:
+                channel.basic_ack(ready, multiple=True)
+                acked = ready
+            if got >= n:
+                break
+        deadline = time.monotonic() + 60
+        while publisher.outstanding:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ours: {publisher.outstanding} copies unconfirmed")
+            conn.process_data_events(time_limit=0.005)
+            ready = _settle(publisher, channel, ready)
+        channel.basic_ack(ready, multiple=True)
+        channel.cancel()
+
+
+def _settle(publisher: DeadLetterPublisher, channel: BlockingChannel, ready: int) -> int:
+    """The highest delivery tag whose copy is confirmed (copies confirm in order here)."""
+    for tag, confirmed in publisher.settle(channel):
+        if not confirmed:
+            raise RuntimeError(f"ours: the broker refused the copy of delivery {tag}")
+        ready = max(ready, tag)
+    return ready
+
+
+def _wait(what: str, check: Callable[[], bool], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.01)
+
+
+def one_run(
+    broker: RabbitBroker, route: str, bodies: list[bytes], copies: dict[bytes, pika.BasicProperties]
+) -> dict[str, float]:
+    """One route on ``bodies``: CPU seconds per message of each party, and messages/s."""
+    n = len(bodies)
+    _declare(broker, route)
+    _queue(broker, bodies)
+    quiesce(broker)
+    meter = CpuMeter({"consumer": [os.getpid()]}, {"RabbitMQ": [broker.pid]})
+    meter.start()
+    began = time.perf_counter()
+    if route == "ours":
+        _drain_ours(broker, n)
+    else:
+        _drain(broker, route, n, copies)
+    if route != "ack":
+        # Dead-lettering by the broker goes on after the nacks: the run ends when every
+        # message is in the dead-letter queue (its count lags up to about a second).
+        with contextlib.closing(broker.connection(broker.admin)) as conn:
+            channel = conn.channel()
+
+            def arrived() -> bool:
+                ok = channel.queue_declare(DEAD, passive=True)
+                return int(ok.method.message_count) >= n
+
+            _wait(f"{route}: {n} messages in {DEAD}", arrived)
+    elapsed = time.perf_counter() - began
+    cpu = meter.stop()
+    time.sleep(1.5)  # a quorum queue's counts lag: every message settled, each once
+    left, dead = broker.depth(SOURCE), broker.depth(DEAD)
+    if left or dead != (0 if route == "ack" else n):
+        raise RuntimeError(f"{route}: {left} messages left in {SOURCE}, {dead} in {DEAD}")
+    return {
+        "broker_us": cpu["RabbitMQ"] / n * 1e6,
+        "consumer_us": cpu["consumer"] / n * 1e6,
+        "rate": n / elapsed,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=30_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--runs", default=",".join(ROUTES), help=f"routes: {','.join(ROUTES)}")
+    args = parser.parse_args()
+    routes = [r for r in args.runs.split(",") if r]
+    unknown = set(routes) - set(ROUTES)
+    if unknown or "ack" not in routes:
+        parser.error(f"--runs: {sorted(unknown) or 'ack is the baseline and must run'}")
+    if args.messages < ACK_EVERY or args.repeat < 1:
+        parser.error(f"--messages must be at least {ACK_EVERY}, --repeat at least 1")
+    bodies = unusable_messages(args.messages)
+    copies = _copy_properties(bodies)
+    results: dict[str, list[dict[str, float]]] = {r: [] for r in routes}
+    with RabbitBroker() as broker:
+        for round_ in range(1, args.repeat + 1):
+            for route in routes:
+                r = one_run(broker, route, bodies, copies)
+                results[route].append(r)
+                print(
+                    f"round {round_} {route:9} {r['rate']:8.0f} msg/s  broker "
+                    f"{r['broker_us']:5.1f} us/msg  consumer {r['consumer_us']:5.1f} us/msg",
+                    flush=True,
+                )
+    report(args.messages, args.repeat, results)
+    return 0
+
+
+def report(n: int, repeat: int, results: dict[str, list[dict[str, float]]]) -> None:
+    def median(route: str, field: str) -> float:
+        return statistics.median(r[field] for r in results[route])
+
+    base = median("ack", "broker_us")
+    print(f"\nDead-lettering {n} unusable messages, medians of {repeat} round(s) (2 cores)")
+    print("CPU in us per message; 'beyond' is the broker's CPU beyond delivering it (ack's)")
+    print(f"{'route':10} {'msg/s':>8} {'broker':>8} {'consumer':>9} {'beyond':>8}")
+    for route in results:
+        beyond = "-" if route == "ack" else f"{median(route, 'broker_us') - base:.1f}"
+        print(
+            f"{route:10} {median(route, 'rate'):8.0f} {median(route, 'broker_us'):8.1f} "
+            f"{median(route, 'consumer_us'):9.1f} {beyond:>8}"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
