@@ -16,7 +16,8 @@ dead-lettered, sits in the dead-letter queue:
              originals acknowledged once their copies are confirmed: our consumer's route
   ours       the same copies made by our consumer's own code (pipeline.deadletters'
              DeadLetterPublisher: properties signed afresh for each copy, frames marshalled
-             by the pipeline, confirms settled as the consumer settles them): what our copy
+             by the pipeline, written as the consumer writes them, confirms settled as the
+             consumer settles them): what our copy
              costs the consumer, with no decoding (pika's own dispatch gives each delivery
              new properties, so the consumer's cache of encoded kept headers never hits;
              these deliveries carry no headers to keep)
@@ -52,6 +53,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from bench.cpu import CpuMeter
 from bench.drain import PREFETCH, quiesce, unusable_messages
+from pipeline.consumer import _coalesce_writes
 from pipeline.deadletters import DeadLetterPublisher, Delivery, copy_properties
 from pipeline.origin import derive_key
 from tests.harness import RabbitBroker
@@ -176,6 +178,7 @@ def _drain_ours(broker: RabbitBroker, n: int) -> None:
     key = derive_key("bench")
     reason = "reason of a rejected message: a sentence about as long as the decoder's"
     with contextlib.closing(broker.connection(broker.admin)) as conn:
+        _coalesce_writes(conn)  # as `pipeline consume` sends: one send() per turn, not per frame
         channel = conn.channel()
         channel.basic_qos(prefetch_count=PREFETCH)
         publisher = DeadLetterPublisher(channel, conn, timeout_s=30)
