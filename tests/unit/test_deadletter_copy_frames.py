@@ -226,11 +226,16 @@ def _publisher() -> tuple[DeadLetterPublisher, _Impl]:
 
 
 def _split(written: list[bytes]) -> list[tuple[int, bytes]]:
-    """(frame type, payload) of each frame written."""
+    """(frame type, payload) of each frame written; a copy's frames come as one chunk."""
     frames = []
-    for frame in written:
-        assert frame[-1] == 0xCE
-        frames.append((frame[0], frame[7:-1]))
+    for chunk in written:
+        at = 0
+        while at < len(chunk):
+            size = int.from_bytes(chunk[at + 3 : at + 7], "big")
+            end = at + 7 + size
+            assert chunk[end] == 0xCE
+            frames.append((chunk[at], chunk[at + 7 : end]))
+            at = end + 1
     return frames
 
 
@@ -242,6 +247,7 @@ def test_the_publisher_writes_pikas_frames_for_each_copy_and_settles_them() -> N
     publisher.dead_letter(big, "payload: not UTF-8 JSON", "readings.dead", key=KEY)
     publisher.dead_letter(small, "payload: empty", "node-status.dead", key=None)
     assert impl.published == []  # not through pika's basic_publish
+    assert len(impl.connection.written) == 2  # one chunk for each copy
     frames = _split(impl.connection.written)
     # big: method, header, three body frames (300 bytes at 120 a frame); small: no body frame
     assert [kind for kind, _ in frames] == [1, 2, 3, 3, 3, 1, 2]

@@ -7,16 +7,22 @@ tests/system/test_replay_identity.py, which makes them on RabbitMQ 3.10 and 4.0)
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pika.spec import BasicProperties
 
 from pipeline.deadletters import _count, describe, source_queue
 from pipeline.errors import ConfigError
 from pipeline.origin import (
     BrokerInfo,
+    _mac,
     derive_key,
     establish,
     key_id,
@@ -281,4 +287,34 @@ def test_signatures_are_the_ones_earlier_versions_made(
             rejected_at=rejected_at,
         )
         == signature
+    )
+
+
+def _framed(*claims: str) -> bytes:
+    """The signed bytes as earlier versions made them: json.dumps of the claims."""
+    return json.dumps(["v1", *claims], ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.text(max_size=80), min_size=4, max_size=4),
+    st.binary(max_size=64),
+    st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+)
+def test_the_signed_bytes_are_json_dumps_of_the_claims(
+    claims: list[str], body: bytes, digest: str
+) -> None:
+    """The signature's framing is built without json's encoder object, one string at a time:
+    it must stay byte for byte what json.dumps makes of the claims (any text: quotes,
+    backslashes, control characters, non-ASCII, lone surrogates)."""
+    routing_key, queue, reason, rejected_at = claims
+    body_digest = hashlib.sha256(body).hexdigest()
+    expected = _framed(routing_key, queue, body_digest, reason, rejected_at)
+    assert _mac(KEY, (routing_key, queue, reason, rejected_at), body) == (
+        hmac.new(KEY, expected, hashlib.sha256).hexdigest()
+    )
+    # A digest the caller computed is the one signed.
+    handed = _framed(routing_key, queue, digest, reason, rejected_at)
+    assert _mac(KEY, (routing_key, queue, reason, rejected_at), body, digest) == (
+        hmac.new(KEY, handed, hashlib.sha256).hexdigest()
     )

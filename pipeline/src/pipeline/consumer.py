@@ -395,6 +395,8 @@ class Session:
         # Counted here and handed to the metrics once per loop turn, not once per message.
         self._consumed_readings = 0
         self._consumed_statuses = 0
+        self._rejected_readings = 0
+        self._rejected_statuses = 0
         self.closed = False
         self._broken: str | None = None  # set by the writer thread; ends the session
         self._now = datetime.now(UTC)
@@ -493,12 +495,20 @@ class Session:
             self._metrics.maybe_log()
 
     def _count_consumed(self) -> None:
+        """Hand this turn's counts of consumed and dead-lettered messages to the metrics."""
+        metrics, settings = self._metrics, self._settings
         if self._consumed_readings:
-            self._metrics.on_consumed(self._settings.readings_queue, self._consumed_readings)
+            metrics.on_consumed(settings.readings_queue, self._consumed_readings)
             self._consumed_readings = 0
         if self._consumed_statuses:
-            self._metrics.on_consumed(self._settings.status_queue, self._consumed_statuses)
+            metrics.on_consumed(settings.status_queue, self._consumed_statuses)
             self._consumed_statuses = 0
+        if self._rejected_readings:
+            metrics.on_rejected(settings.readings_queue, self._rejected_readings)
+            self._rejected_readings = 0
+        if self._rejected_statuses:
+            metrics.on_rejected(settings.status_queue, self._rejected_statuses)
+            self._rejected_statuses = 0
 
     def _wait_time(self) -> float:
         # Dead-letter confirms arrive without waking the loop: look for them soon.
@@ -525,6 +535,7 @@ class Session:
                 len(self._batches),
                 self._dead_outstanding(),
             )
+        self._count_consumed()  # the copies published while waiting
         self._metrics.maybe_log(force=True)
 
     def _dead_outstanding(self) -> int:
@@ -645,12 +656,12 @@ class Session:
         """
         dead = self._dead
         assert dead is not None  # noqa: S101 - set up before any delivery
-        dead_queue = (
-            self._settings.status_dead_queue
-            if delivery.queue == self._settings.status_queue
-            else self._settings.dead_queue
-        )
-        self._metrics.on_rejected(delivery.queue)
+        if delivery.queue == self._settings.status_queue:
+            dead_queue = self._settings.status_dead_queue
+            self._rejected_statuses += 1
+        else:
+            dead_queue = self._settings.dead_queue
+            self._rejected_readings += 1
         dead.dead_letter(delivery, reason, dead_queue, key=self._settings.dead_letter_key)
 
     def _apply_confirms(self) -> None:

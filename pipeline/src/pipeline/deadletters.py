@@ -146,9 +146,14 @@ def _kept_headers(props: BasicProperties) -> dict[str, Any]:
 
 
 def _copy_headers(
-    delivery: Delivery, reason: str, key: bytes | None, now: datetime | None
+    delivery: Delivery,
+    reason: str,
+    key: bytes | None,
+    now: datetime | None,
+    body_sha256: str | None = None,
 ) -> list[tuple[str, str]]:
-    """The headers the copy adds, in order: reason, origin, when, by what, and signature."""
+    """The headers the copy adds, in order: reason, origin, when, by what, and signature
+    (``body_sha256``: the body's SHA-256 hex digest, if the caller has it)."""
     rejected_at = (now or datetime.now(UTC)).isoformat(timespec="milliseconds")
     headers = [
         (REASON_HEADER, reason),
@@ -166,14 +171,18 @@ def _copy_headers(
             body=delivery.body,
             reason=reason,
             rejected_at=rejected_at,
+            body_sha256=body_sha256,
         )
         headers.append((SIGNATURE_HEADER, signature))
     return headers
 
 
-def _copy_message_id(delivery: Delivery) -> str:
+def _copy_message_id(delivery: Delivery, body_sha256: str | None = None) -> str:
     """The delivery's message id, or its body's hash when it has none."""
-    return delivery.properties.message_id or hashlib.sha256(delivery.body).hexdigest()[:32]
+    return (
+        delivery.properties.message_id
+        or (body_sha256 or hashlib.sha256(delivery.body).hexdigest())[:32]
+    )
 
 
 # The copy's own header names, as an AMQP table encodes them with a long-string value:
@@ -225,12 +234,18 @@ def encode_copy_properties(
             if len(kept) >= _KEPT_CACHED:
                 kept.clear()
             kept[id(props)] = (props, kept_table)
+    # The body's hash serves the signature and, without a message id, the copy's id: once.
+    digest = (
+        hashlib.sha256(delivery.body).hexdigest()
+        if key is not None or not props.message_id
+        else None
+    )
     table = [kept_table]
-    for name, value in _copy_headers(delivery, reason, key, now):
+    for name, value in _copy_headers(delivery, reason, key, now, digest):
         raw = value.encode()
         table += (_NAME_PREFIX[name], _U32.pack(len(raw)), raw)
     table_bytes = b"".join(table)
-    message_id = _copy_message_id(delivery)
+    message_id = _copy_message_id(delivery, digest)
     flags = _HEADERS | _DELIVERY_MODE | _MESSAGE_ID
     fields = []
     if props.content_type is not None:
@@ -314,7 +329,9 @@ class DeadLetterPublisher:
             self._methods[dead_queue] = method
         properties, message_id = encode_copy_properties(delivery, reason, key=key, kept=self._kept)
         body_max: int = getattr(impl.connection, "_body_max_length")  # noqa: B009
-        output([method, *content_frames(impl.channel_number, properties, delivery.body, body_max)])
+        frames = content_frames(impl.channel_number, properties, delivery.body, body_max)
+        # One chunk for pika's output step: its write path runs once per chunk, not per frame.
+        output([b"".join((method, *frames))])
         self._sent += 1
         self._pending[self._sent] = (delivery, message_id, reason)
 

@@ -74,10 +74,10 @@ class Metrics:
             self.consumed += count
         CONSUMED.labels(queue).inc(count)
 
-    def on_rejected(self, queue: str) -> None:
+    def on_rejected(self, queue: str, count: int = 1) -> None:
         with self._lock:
-            self.rejected += 1
-        REJECTED.labels(queue).inc()
+            self.rejected += count
+        REJECTED.labels(queue).inc(count)
 
     def on_batch(
         self,

@@ -38,7 +38,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -92,18 +92,23 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(b"key id\x00" + key).hexdigest()[:8]
 
 
-# json.dumps(..., ensure_ascii=True, separators=(",", ":")), without a new encoder per call.
-_CLAIMS_JSON: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+# One JSON string, as json.dumps(..., ensure_ascii=True) writes it (the C function it calls).
+_JSON_STRING: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 
 
-def _mac(key: bytes, claims: tuple[str, str, str, str], body: bytes) -> str:
-    """HMAC-SHA256 over (routing key, queue, reason, rejected at) and the body's SHA-256."""
+def _mac(
+    key: bytes, claims: tuple[str, str, str, str], body: bytes, body_sha256: str | None = None
+) -> str:
+    """HMAC-SHA256 over (routing key, queue, reason, rejected at) and the body's SHA-256
+    (``body_sha256``, its hex digest, when the caller has it already)."""
     routing_key, queue, reason, rejected_at = claims
-    # JSON, so that no choice of strings can make two different tuples sign the same bytes.
-    message = _CLAIMS_JSON.encode(
-        [_VERSION, routing_key, queue, hashlib.sha256(body).hexdigest(), reason, rejected_at]
-    ).encode("ascii")
-    return hmac.digest(key, message, "sha256").hex()  # hmac.new(...).hexdigest(), one C call
+    digest = body_sha256 or hashlib.sha256(body).hexdigest()
+    # JSON, so that no choice of strings can make two different tuples sign the same bytes: the
+    # array json.dumps(..., ensure_ascii=True, separators=(",", ":")) makes of these strings,
+    # joined here without building an encoder per call (tests/unit/test_origin_framing.py).
+    items = (_VERSION, routing_key, queue, digest, reason, rejected_at)
+    message = "[" + ",".join(map(_JSON_STRING, items)) + "]"
+    return hmac.digest(key, message.encode("ascii"), "sha256").hex()  # one C call
 
 
 def sign(
@@ -114,13 +119,15 @@ def sign(
     body: bytes,
     reason: str = "",
     rejected_at: str = "",
+    body_sha256: str | None = None,
 ) -> str:
     """The value of ``x-pipeline-signature`` for these claims about ``body``.
 
     ``reason`` and ``rejected_at`` are the ``x-reject-reason`` and ``x-rejected-at`` headers
     when the message carries them (a dead-letter copy), else empty (a replay).
+    ``body_sha256`` is the body's SHA-256 hex digest if the caller has computed it.
     """
-    mac = _mac(key, (routing_key, queue, reason, rejected_at), body)
+    mac = _mac(key, (routing_key, queue, reason, rejected_at), body, body_sha256)
     return f"{_VERSION}:{key_id(key)}:{mac}"
 
 
