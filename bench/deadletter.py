@@ -17,11 +17,12 @@ dead-lettered, sits in the dead-letter queue:
   ours       the same copies made by our consumer's own code (pipeline.deadletters'
              DeadLetterPublisher: properties signed afresh for each copy, frames marshalled
              by the pipeline, written as the consumer writes them, confirms settled as the
-             consumer settles them): what our copy
-             costs the consumer, with no decoding (pika's own dispatch gives each delivery
-             new properties, so the consumer's cache of encoded kept headers never hits;
-             these deliveries carry no headers to keep)
+             consumer settles them): what our copy costs the consumer, with no decoding
+             (pika's own dispatch gives each delivery new properties, so the consumer's
+             cache of encoded kept headers never hits; these deliveries carry no headers)
   copy-bare  the same copies without any header (delivery mode 2 only): what our headers add
+  copy-mix   the copy route for one message in ten, the others acknowledged: the broker's
+             price of a copy when copies are as sparse as in bench.drain's hostile mix
   nack       basic_nack(requeue=False), multiple every 500, on a queue with
              x-dead-letter-strategy at-least-once: the broker dead-letters each message
              itself, with its own confirms; no reason travels with it
@@ -29,7 +30,7 @@ dead-lettered, sits in the dead-letter queue:
              queues: a message the target does not take is lost): for reference only
 
 Per route: the broker's and the consumer's CPU per message, and per dead-lettered message
-the broker's CPU beyond delivering it (the route less ``ack``). Medians over the rounds,
+the broker's CPU beyond delivering the messages (the route less ``ack``). Medians over the rounds,
 which alternate the routes. Compare with `bench.drain`'s hostile run: a hostile message may
 cost all parties together at most (1 / 0.9 - 0.9) / 0.1 = 2.11 times a clean reading for
 the hostile run to keep 0.9 of the clean rate (bench/RESULTS.md).
@@ -42,7 +43,7 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pika
@@ -61,7 +62,8 @@ from tests.harness import RabbitBroker
 SOURCE = "dl-bench"
 DEAD = "dl-bench.dead"
 ACK_EVERY = 500
-ROUTES = ("ack", "copy", "ours", "copy-bare", "nack", "nack-once")
+MIX_EVERY = 10  # copy-mix: one message in ten is copied, as in bench.drain's hostile mix
+ROUTES = ("ack", "copy", "ours", "copy-bare", "copy-mix", "nack", "nack-once")
 
 
 def _declare(broker: RabbitBroker, route: str) -> None:
@@ -135,40 +137,84 @@ def _drain(
         channel.basic_qos(prefetch_count=PREFETCH)
         confirms = _Confirms(conn, conn.channel()) if route.startswith("copy") else None
         bare = pika.BasicProperties(delivery_mode=2)
-        tags: list[int] = []  # the delivery tag of the i-th message (copy route)
-        settled = 0
-        deliveries = channel.consume(SOURCE, inactivity_timeout=30)
-        for got, (method, _props, body) in enumerate(deliveries, 1):
-            if method is None:
-                raise RuntimeError(f"{route}: nothing delivered for 30 s after {got - 1} messages")
+        every = MIX_EVERY if route == "copy-mix" else 1  # which messages are copied
+        copied: list[int] = []  # the delivery tag of each copied message, in copy order
+        acked = got = tag = 0
+
+        def ack_confirmed() -> None:
+            """Acknowledge, as our consumer does, up to the first copy still unconfirmed."""
+            nonlocal acked
+            assert confirms is not None  # the copy routes only
+            waiting = confirms.confirmed < len(copied)
+            bound = copied[confirms.confirmed] - 1 if waiting else tag
+            if bound > acked:
+                channel.basic_ack(bound, multiple=True)
+                acked = bound
+
+        for delivery in _deliveries(channel, route):
+            if delivery is None:  # a pause: the copies' confirms may let more be acknowledged
+                if confirms is not None:
+                    ack_confirmed()
+                continue
+            got += 1
+            method, _props, body = delivery
             tag = int(method.delivery_tag)
             if confirms is not None:
-                props = bare if route == "copy-bare" else copies[body]
-                confirms.impl.basic_publish("", DEAD, body, props, mandatory=True)
-                tags.append(tag)
-                # Acknowledge what is confirmed, as our consumer does (never past a copy
-                # still unconfirmed).
-                if confirms.confirmed - settled >= ACK_EVERY:
-                    settled = confirms.confirmed
-                    channel.basic_ack(tags[settled - 1], multiple=True)
+                if got % every == 0:
+                    props = bare if route == "copy-bare" else copies[body]
+                    confirms.impl.basic_publish("", DEAD, body, props, mandatory=True)
+                    copied.append(tag)
+                if got % ACK_EVERY == 0:
+                    ack_confirmed()
             elif got % ACK_EVERY == 0 or got == n:
                 if route == "ack":
                     channel.basic_ack(tag, multiple=True)
                 else:
                     channel.basic_nack(tag, multiple=True, requeue=False)
-                settled = got
             if got >= n:
+                if confirms is not None:
+                    _last_acks(conn, channel, confirms, len(copied), tag)
                 break
-        if confirms is not None:
-            deadline = time.monotonic() + 60
-            while confirms.confirmed < n:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"copy: {n - confirms.confirmed} copies unconfirmed")
-                conn.process_data_events(time_limit=0.005)
-            if confirms.refused:
-                raise RuntimeError(f"copy: the broker refused {confirms.refused} copies")
-            channel.basic_ack(tags[-1], multiple=True)
         channel.cancel()
+
+
+_PAUSE_S = 0.05  # a consumer's loop turns this often when nothing is delivered
+_IDLE_S = 30.0  # a route fails after this long with nothing delivered
+
+
+def _deliveries(
+    channel: BlockingChannel, route: str
+) -> Iterator[tuple[pika.spec.Basic.Deliver, pika.BasicProperties, bytes] | None]:
+    """The source queue's deliveries as (method, properties, body), and None for each pause
+    of ``_PAUSE_S`` with nothing delivered; fails after ``_IDLE_S`` of nothing."""
+    idle_since: float | None = None
+    for method, props, body in channel.consume(SOURCE, inactivity_timeout=_PAUSE_S):
+        if method is not None:
+            idle_since = None
+            yield method, props, body
+            continue
+        idle_since = idle_since or time.monotonic()
+        if time.monotonic() - idle_since > _IDLE_S:
+            raise RuntimeError(f"{route}: nothing delivered for {_IDLE_S:.0f} s")
+        yield None
+
+
+def _last_acks(
+    conn: pika.BlockingConnection,
+    channel: BlockingChannel,
+    confirms: _Confirms,
+    copies: int,
+    last_tag: int,
+) -> None:
+    """Wait for every copy's confirm, then acknowledge everything up to ``last_tag``."""
+    deadline = time.monotonic() + 60
+    while confirms.confirmed < copies:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{copies - confirms.confirmed} copies unconfirmed")
+        conn.process_data_events(time_limit=0.005)
+    if confirms.refused:
+        raise RuntimeError(f"the broker refused {confirms.refused} copies")
+    channel.basic_ack(last_tag, multiple=True)
 
 
 def _drain_ours(broker: RabbitBroker, n: int) -> None:
@@ -183,14 +229,17 @@ def _drain_ours(broker: RabbitBroker, n: int) -> None:
         channel.basic_qos(prefetch_count=PREFETCH)
         publisher = DeadLetterPublisher(channel, conn, timeout_s=30)
         ready = acked = 0
-        deliveries = channel.consume(SOURCE, inactivity_timeout=30)
-        for got, (method, props, body) in enumerate(deliveries, 1):
-            if method is None:
-                raise RuntimeError(f"ours: nothing delivered for 30 s after {got - 1} messages")
-            delivery = Delivery(int(method.delivery_tag), SOURCE, "sensors.node-0.s0", props, body)
-            publisher.dead_letter(delivery, reason, DEAD, key=key)
+        got = 0
+        for delivered in _deliveries(channel, "ours"):
+            if delivered is not None:
+                got += 1
+                method, props, body = delivered
+                tag = int(method.delivery_tag)
+                delivery = Delivery(tag, SOURCE, "sensors.node-0.s0", props, body)
+                publisher.dead_letter(delivery, reason, DEAD, key=key)
             ready = _settle(publisher, channel, ready)
-            if ready - acked >= ACK_EVERY:
+            # On a pause as well: the confirms may let more be acknowledged.
+            if ready - acked >= ACK_EVERY or (delivered is None and ready > acked):
                 channel.basic_ack(ready, multiple=True)
                 acked = ready
             if got >= n:
@@ -227,6 +276,7 @@ def one_run(
 ) -> dict[str, float]:
     """One route on ``bodies``: CPU seconds per message of each party, and messages/s."""
     n = len(bodies)
+    expected = dead_lettered(route, n)
     _declare(broker, route)
     _queue(broker, bodies)
     quiesce(broker)
@@ -245,20 +295,28 @@ def one_run(
 
             def arrived() -> bool:
                 ok = channel.queue_declare(DEAD, passive=True)
-                return int(ok.method.message_count) >= n
+                return int(ok.method.message_count) >= expected
 
-            _wait(f"{route}: {n} messages in {DEAD}", arrived)
+            _wait(f"{route}: {expected} messages in {DEAD}", arrived)
     elapsed = time.perf_counter() - began
     cpu = meter.stop()
     time.sleep(1.5)  # a quorum queue's counts lag: every message settled, each once
     left, dead = broker.depth(SOURCE), broker.depth(DEAD)
-    if left or dead != (0 if route == "ack" else n):
+    if left or dead != expected:
         raise RuntimeError(f"{route}: {left} messages left in {SOURCE}, {dead} in {DEAD}")
     return {
         "broker_us": cpu["RabbitMQ"] / n * 1e6,
         "consumer_us": cpu["consumer"] / n * 1e6,
         "rate": n / elapsed,
+        "dead_share": expected / n,
     }
+
+
+def dead_lettered(route: str, n: int) -> int:
+    """How many of ``n`` messages ``route`` dead-letters."""
+    if route == "ack":
+        return 0
+    return n // MIX_EVERY if route == "copy-mix" else n
 
 
 def main() -> int:
@@ -296,10 +354,14 @@ def report(n: int, repeat: int, results: dict[str, list[dict[str, float]]]) -> N
 
     base = median("ack", "broker_us")
     print(f"\nDead-lettering {n} unusable messages, medians of {repeat} round(s) (2 cores)")
-    print("CPU in us per message; 'beyond' is the broker's CPU beyond delivering it (ack's)")
+    print(
+        "CPU in us per message; 'beyond' is the broker's CPU beyond delivering the messages "
+        "(ack's), per message dead-lettered"
+    )
     print(f"{'route':10} {'msg/s':>8} {'broker':>8} {'consumer':>9} {'beyond':>8}")
     for route in results:
-        beyond = "-" if route == "ack" else f"{median(route, 'broker_us') - base:.1f}"
+        share = results[route][0]["dead_share"]
+        beyond = "-" if route == "ack" else f"{(median(route, 'broker_us') - base) / share:.1f}"
         print(
             f"{route:10} {median(route, 'rate'):8.0f} {median(route, 'broker_us'):8.1f} "
             f"{median(route, 'consumer_us'):9.1f} {beyond:>8}"
