@@ -195,18 +195,10 @@ def test_a_full_queue_refuses_publishes_and_the_agent_keeps_them(
     the PUBACK and keeps the connection open, so there the agent gets going again through its
     PUBACK timeout (``mqtt.puback_timeout_s``, made 3 s here), which ends the session and sends
     everything unacknowledged again from the outbox."""
-    policy = next(p for p in DEFINITIONS["policies"] if p["name"] == "readings-dead-lettering")
-    assert policy["definition"]["overflow"] == "reject-publish"
-    small = {**policy["definition"], "max-length-bytes": 16 * 1024}
-    rabbit.ctl(
-        "set_policy",
-        "--priority",
-        "99",
-        "--apply-to",
-        "queues",
-        "test-small-readings",
-        "^readings$",
-        json.dumps(small),
+    policy = _policy("readings-dead-lettering")
+    assert policy["overflow"] == "reject-publish"
+    _override_policy(
+        rabbit, "test-small-readings", "^readings$", {**policy, "max-length-bytes": 16 * 1024}
     )
     agent: AgentProcess | None = None
     try:
@@ -361,18 +353,8 @@ def test_an_unusable_message_reaches_a_full_dead_letter_queue_by_the_brokers_way
     instead (pipeline.deadletters). The readings queue's dead-letter policy then moves the
     original into ``readings.dead`` itself, full or not: it is kept, with the broker's
     ``x-death`` record, and the reason is in the consumer's log."""
-    policy = next(p for p in DEFINITIONS["policies"] if p["name"] == "readings-dead-limits")
-    full = {**policy["definition"], "max-length": 1}
-    rabbit.ctl(
-        "set_policy",
-        "--priority",
-        "99",
-        "--apply-to",
-        "queues",
-        "test-full-readings-dead",
-        r"^readings\.dead$",
-        json.dumps(full),
-    )
+    full = {**_policy("readings-dead-limits"), "max-length": 1}
+    _override_policy(rabbit, "test-full-readings-dead", r"^readings\.dead$", full)
     unusable = b'{"version": 1, "node": "pi-dead-full", "not": "a reading"}'
     try:
         fillers = _fill(rabbit, "readings.dead")
@@ -402,6 +384,27 @@ def test_an_unusable_message_reaches_a_full_dead_letter_queue_by_the_brokers_way
     finally:
         with contextlib.suppress(RuntimeError):
             rabbit.ctl("clear_policy", "test-full-readings-dead")
+
+
+def _policy(name: str) -> dict[str, Any]:
+    """The definition of one of the gateway's policies (gateway/rabbitmq/definitions.json)."""
+    return dict(next(p for p in DEFINITIONS["policies"] if p["name"] == name)["definition"])
+
+
+def _override_policy(
+    rabbit: RabbitBroker, name: str, pattern: str, definition: dict[str, Any]
+) -> None:
+    """A test's policy on ``pattern`` that wins over the gateway's (a higher priority)."""
+    rabbit.ctl(
+        "set_policy",
+        "--priority",
+        "99",
+        "--apply-to",
+        "queues",
+        name,
+        pattern,
+        json.dumps(definition),
+    )
 
 
 def _fill(rabbit: RabbitBroker, queue: str) -> list[bytes]:
