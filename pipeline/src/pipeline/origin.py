@@ -105,7 +105,7 @@ def _mac(
     digest = body_sha256 or hashlib.sha256(body).hexdigest()
     # JSON, so that no choice of strings can make two different tuples sign the same bytes: the
     # array json.dumps(..., ensure_ascii=True, separators=(",", ":")) makes of these strings,
-    # joined here without building an encoder per call (tests/unit/test_origin_framing.py).
+    # joined here without building an encoder per call (tests/unit/test_pipeline_origin.py).
     items = (_VERSION, routing_key, queue, digest, reason, rejected_at)
     message = "[" + ",".join(map(_JSON_STRING, items)) + "]"
     return hmac.digest(key, message.encode("ascii"), "sha256").hex()  # one C call
