@@ -43,6 +43,7 @@ import contextlib
 import os
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
@@ -110,21 +111,43 @@ def _copy_properties(bodies: list[bytes]) -> dict[bytes, pika.BasicProperties]:
 
 
 class _Confirms:
-    """Publisher confirms counted as they come (one frame may confirm many)."""
+    """Publisher confirms as they come: ``confirmed`` is how many copies, counted from the
+    first, are all confirmed (one frame may confirm many, and RabbitMQ does not promise to
+    confirm in order). A refused copy (basic.nack) or one with nowhere to go (basic.return)
+    is never counted as confirmed, so its original is never acknowledged; ``check`` fails the
+    run on it."""
 
     def __init__(self, conn: pika.BlockingConnection, channel: BlockingChannel) -> None:
         self.impl: pika.channel.Channel = getattr(channel, "_impl")  # noqa: B009
         self.confirmed = 0
-        self.refused = 0
+        self._singles: set[int] = set()  # confirmed out of order, above ``confirmed``
+        self.refused: str | None = None
         selected: list[bool] = []
+        self.impl.add_on_return_callback(self._on_return)
         self.impl.confirm_delivery(self._on, callback=lambda _frame: selected.append(True))
         while not selected:
             conn.process_data_events(time_limit=0.1)
 
     def _on(self, frame: pika.frame.Method) -> None:  # type: ignore[type-arg]
-        if isinstance(frame.method, pika.spec.Basic.Nack):
-            self.refused += 1
-        self.confirmed = max(self.confirmed, int(frame.method.delivery_tag or 0))
+        method = frame.method
+        if isinstance(method, pika.spec.Basic.Nack):
+            self.refused = f"the broker refused copy {method.delivery_tag} (basic.nack)"
+            return
+        tag = int(method.delivery_tag or 0)
+        if method.multiple:
+            self.confirmed = max(self.confirmed, tag)
+        else:
+            self._singles.add(tag)
+        while self.confirmed + 1 in self._singles:
+            self.confirmed += 1
+        self._singles = {t for t in self._singles if t > self.confirmed}
+
+    def _on_return(self, *_args: object) -> None:
+        self.refused = "a copy had no queue to go to (basic.return)"
+
+    def check(self) -> None:
+        if self.refused is not None:
+            raise RuntimeError(self.refused)
 
 
 def _drain(
@@ -145,6 +168,7 @@ def _drain(
             """Acknowledge, as our consumer does, up to the first copy still unconfirmed."""
             nonlocal acked
             assert confirms is not None  # the copy routes only
+            confirms.check()
             waiting = confirms.confirmed < len(copied)
             bound = copied[confirms.confirmed] - 1 if waiting else tag
             if bound > acked:
@@ -209,11 +233,11 @@ def _last_acks(
     """Wait for every copy's confirm, then acknowledge everything up to ``last_tag``."""
     deadline = time.monotonic() + 60
     while confirms.confirmed < copies:
+        confirms.check()
         if time.monotonic() > deadline:
             raise RuntimeError(f"{copies - confirms.confirmed} copies unconfirmed")
         conn.process_data_events(time_limit=0.005)
-    if confirms.refused:
-        raise RuntimeError(f"the broker refused {confirms.refused} copies")
+    confirms.check()
     channel.basic_ack(last_tag, multiple=True)
 
 
@@ -228,16 +252,19 @@ def _drain_ours(broker: RabbitBroker, n: int) -> None:
         channel = conn.channel()
         channel.basic_qos(prefetch_count=PREFETCH)
         publisher = DeadLetterPublisher(channel, conn, timeout_s=30)
-        ready = acked = 0
-        got = 0
+        order: deque[int] = deque()  # copied deliveries not yet settled, in order
+        done: set[int] = set()  # their copies confirmed out of order
+        ready = acked = got = 0
         for delivered in _deliveries(channel, "ours"):
             if delivered is not None:
                 got += 1
                 method, props, body = delivered
                 tag = int(method.delivery_tag)
-                delivery = Delivery(tag, SOURCE, "sensors.node-0.s0", props, body)
-                publisher.dead_letter(delivery, reason, DEAD, key=key)
-            ready = _settle(publisher, channel, ready)
+                publisher.dead_letter(
+                    Delivery(tag, SOURCE, "sensors.node-0.s0", props, body), reason, DEAD, key=key
+                )
+                order.append(tag)
+            ready = _settled(publisher, channel, order, done) or ready
             # On a pause as well: the confirms may let more be acknowledged.
             if ready - acked >= ACK_EVERY or (delivered is None and ready > acked):
                 channel.basic_ack(ready, multiple=True)
@@ -245,21 +272,30 @@ def _drain_ours(broker: RabbitBroker, n: int) -> None:
             if got >= n:
                 break
         deadline = time.monotonic() + 60
-        while publisher.outstanding:
+        while order:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"ours: {publisher.outstanding} copies unconfirmed")
+                raise RuntimeError(f"ours: {len(order)} copies unconfirmed")
             conn.process_data_events(time_limit=0.005)
-            ready = _settle(publisher, channel, ready)
+            ready = _settled(publisher, channel, order, done) or ready
         channel.basic_ack(ready, multiple=True)
         channel.cancel()
 
 
-def _settle(publisher: DeadLetterPublisher, channel: BlockingChannel, ready: int) -> int:
-    """The highest delivery tag whose copy is confirmed (copies confirm in order here)."""
+def _settled(
+    publisher: DeadLetterPublisher, channel: BlockingChannel, order: deque[int], done: set[int]
+) -> int:
+    """The highest delivery tag up to which every copy is confirmed, or 0 if none is new.
+
+    ``order`` holds the tags of the deliveries whose copies are unconfirmed, in delivery
+    order; ``done`` those confirmed out of order (RabbitMQ does not promise the order)."""
     for tag, confirmed in publisher.settle(channel):
         if not confirmed:
             raise RuntimeError(f"ours: the broker refused the copy of delivery {tag}")
-        ready = max(ready, tag)
+        done.add(tag)
+    ready = 0
+    while order and order[0] in done:
+        ready = order.popleft()
+        done.discard(ready)
     return ready
 
 
@@ -287,9 +323,10 @@ def one_run(
         _drain_ours(broker, n)
     else:
         _drain(broker, route, n, copies)
-    if route != "ack":
-        # Dead-lettering by the broker goes on after the nacks: the run ends when every
-        # message is in the dead-letter queue (its count lags up to about a second).
+    if route.startswith("nack"):
+        # The broker's own dead-lettering goes on after the nacks: the run ends when every
+        # message is in the dead-letter queue (its count lags up to about a second). A copy
+        # route is done when its copies are confirmed: they are in the queue then.
         with contextlib.closing(broker.connection(broker.admin)) as conn:
             channel = conn.channel()
 
