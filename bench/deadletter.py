@@ -43,8 +43,7 @@ import contextlib
 import os
 import statistics
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pika
@@ -55,10 +54,11 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from bench.cpu import CpuMeter
 from bench.drain import PREFETCH, quiesce, unusable_messages
-from pipeline.consumer import _coalesce_writes
+from pipeline.consumer import _coalesce_writes, _Settlement
 from pipeline.deadletters import DeadLetterPublisher, Delivery, copy_properties
 from pipeline.origin import derive_key
 from tests.harness import RabbitBroker
+from tests.harness.procs import wait_for
 
 SOURCE = "dl-bench"
 DEAD = "dl-bench.dead"
@@ -252,59 +252,49 @@ def _drain_ours(broker: RabbitBroker, n: int) -> None:
         channel = conn.channel()
         channel.basic_qos(prefetch_count=PREFETCH)
         publisher = DeadLetterPublisher(channel, conn, timeout_s=30)
-        order: deque[int] = deque()  # copied deliveries not yet settled, in order
-        done: set[int] = set()  # their copies confirmed out of order
-        ready = acked = got = 0
+        settlement = _Settlement()  # the consumer's own: no ack past an unconfirmed copy
+        got = 0
         for delivered in _deliveries(channel, "ours"):
             if delivered is not None:
                 got += 1
                 method, props, body = delivered
                 tag = int(method.delivery_tag)
+                settlement.hold(tag)
                 publisher.dead_letter(
                     Delivery(tag, SOURCE, "sensors.node-0.s0", props, body), reason, DEAD, key=key
                 )
-                order.append(tag)
-            ready = _settled(publisher, channel, order, done) or ready
+            _settle(publisher, channel, settlement)
             # On a pause as well: the confirms may let more be acknowledged.
-            if ready - acked >= ACK_EVERY or (delivered is None and ready > acked):
-                channel.basic_ack(ready, multiple=True)
-                acked = ready
+            if delivered is None or settlement.bound(None) - settlement.acked >= ACK_EVERY:
+                _ack(channel, settlement)
             if got >= n:
                 break
         deadline = time.monotonic() + 60
-        while order:
+        while publisher.outstanding:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"ours: {len(order)} copies unconfirmed")
+                raise RuntimeError(f"ours: {publisher.outstanding} copies unconfirmed")
             conn.process_data_events(time_limit=0.005)
-            ready = _settled(publisher, channel, order, done) or ready
-        channel.basic_ack(ready, multiple=True)
+            _settle(publisher, channel, settlement)
+        _ack(channel, settlement)
         channel.cancel()
 
 
-def _settled(
-    publisher: DeadLetterPublisher, channel: BlockingChannel, order: deque[int], done: set[int]
-) -> int:
-    """The highest delivery tag up to which every copy is confirmed, or 0 if none is new.
-
-    ``order`` holds the tags of the deliveries whose copies are unconfirmed, in delivery
-    order; ``done`` those confirmed out of order (RabbitMQ does not promise the order)."""
+def _settle(
+    publisher: DeadLetterPublisher, channel: BlockingChannel, settlement: _Settlement
+) -> None:
+    """Release each delivery whose copy the broker confirmed meanwhile."""
     for tag, confirmed in publisher.settle(channel):
         if not confirmed:
             raise RuntimeError(f"ours: the broker refused the copy of delivery {tag}")
-        done.add(tag)
-    ready = 0
-    while order and order[0] in done:
-        ready = order.popleft()
-        done.discard(ready)
-    return ready
+        settlement.release(tag, ready=True)
 
 
-def _wait(what: str, check: Callable[[], bool], timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.01)
+def _ack(channel: BlockingChannel, settlement: _Settlement) -> None:
+    """One multiple ack up to the first delivery whose copy is unconfirmed, if any is new."""
+    bound = settlement.bound(None)
+    if bound > settlement.acked:
+        channel.basic_ack(bound, multiple=True)
+        settlement.acked = bound
 
 
 def one_run(
@@ -334,7 +324,7 @@ def one_run(
                 ok = channel.queue_declare(DEAD, passive=True)
                 return int(ok.method.message_count) >= expected
 
-            _wait(f"{route}: {expected} messages in {DEAD}", arrived)
+            wait_for(f"{route}: {expected} messages in {DEAD}", arrived, 120, interval=0.01)
     elapsed = time.perf_counter() - began
     cpu = meter.stop()
     time.sleep(1.5)  # a quorum queue's counts lag: every message settled, each once
